@@ -1,0 +1,166 @@
+"""Reading and writing weights: safe loading, strict key checks, atomic writes, verified downloads.
+
+res2det's own weight files are safetensors (or a .pth dict) that record the model name, so a checkpoint for
+another model is refused by name before any tensor is compared.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import re
+import tempfile
+import urllib.request
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+
+StateDict = dict[str, torch.Tensor]
+RES2DET_FORMAT = "res2det"
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write through a temporary file in the same folder and rename it, so ``path`` is never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    _atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))
+
+
+def save_weights(model: nn.Module, path: str | os.PathLike, *, model_name: str) -> None:
+    """Save ``model``'s weights as res2det's own format (.safetensors, else a .pth dict), atomically."""
+    path = Path(path)
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        meta = {"format": RES2DET_FORMAT, "model": model_name}
+        _atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+    else:
+        atomic_torch_save({"format": RES2DET_FORMAT, "model": model_name, "state_dict": state}, path)
+
+
+def read_weights(path: str | os.PathLike) -> tuple[StateDict, dict]:
+    """Read a weight file into (state_dict, meta). ``meta`` has 'format' and 'model' for res2det's files.
+
+    .pth files are unpickled with ``weights_only=True``: anything but tensors and plain containers is refused.
+    Common wrappers ({'state_dict': ...}, {'model': ...}) and a DataParallel 'module.' prefix are removed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    meta: dict = {}
+    if path.suffix == ".safetensors" or (len(head) >= 9 and head[8:9] == b"{"):
+        from safetensors import SafetensorError, safe_open
+        from safetensors.torch import load_file
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+            state = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+        return state, meta
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refused to unpickle: the file holds objects other than tensors and plain containers "
+            f"(only weights-only checkpoints are loaded; {str(e).splitlines()[0]})"
+        ) from None
+    except Exception as e:  # zip/pickle corruption surfaces as many exception types
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    if isinstance(obj, dict) and obj.get("format") == RES2DET_FORMAT:
+        meta = {"format": RES2DET_FORMAT, "model": obj.get("model")}
+    for wrapper in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+            break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: expected a state dict of tensors, found {type(obj).__name__}")
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return dict(obj), meta
+
+
+def _listing(keys: list[str], limit: int = 12) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str) -> None:
+    """Load ``state`` into ``model``; any missing, unexpected or mis-shaped key is an error listing them.
+
+    ``num_batches_tracked`` counters may be absent (older and non-PyTorch checkpoints lack them); they do not
+    affect outputs.
+    """
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    mis_shaped = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+                  if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or mis_shaped:
+        parts = [f"{source}: checkpoint does not fit the model"]
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {_listing(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
+        if mis_shaped:
+            parts.append(f"shape mismatches ({len(mis_shaped)}; checkpoint vs model): {_listing(mis_shaped, 6)}")
+        raise CheckpointError("\n  ".join(parts))
+    with torch.no_grad():
+        for k, v in own.items():
+            if k in state:
+                v.copy_(state[k])
+
+
+_HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z]+$")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RES2DET_CACHE", Path.home() / ".cache" / "res2det"))
+
+
+def download(url: str, filename: str | None = None, *, root: str | os.PathLike | None = None) -> Path:
+    """Fetch ``url`` into the cache (once) and verify the sha256 prefix carried in its file name."""
+    filename = filename or url.rsplit("/", 1)[-1]
+    target = Path(root or cache_dir()) / filename
+    m = _HASH_IN_NAME.search(filename)
+    if target.is_file():
+        return target
+
+    def fetch(tmp: str) -> None:
+        digest = hashlib.sha256()
+        try:
+            with urllib.request.urlopen(url, timeout=60) as resp, open(tmp, "wb") as out:
+                for chunk in iter(lambda: resp.read(1 << 20), b""):
+                    digest.update(chunk)
+                    out.write(chunk)
+        except OSError as e:
+            raise CheckpointError(f"{url}: download failed ({e})") from None
+        if m and not digest.hexdigest().startswith(m.group(1)):
+            raise CheckpointError(
+                f"{url}: sha256 {digest.hexdigest()[:16]}... does not match the {m.group(1)} in its file name; "
+                "the download is corrupt or not the published file"
+            )
+
+    _atomic_write(target, fetch)
+    return target
+
+
+__all__ = ["read_weights", "save_weights", "load_state_dict_strict", "atomic_torch_save", "download", "cache_dir"]

@@ -1,0 +1,134 @@
+"""The ``res2det`` command line. User errors print one line and exit with code 2 (no traceback)."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..errors import Res2DetError
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def cmd_list(args) -> None:
+    from ..zoo import list_models
+
+    print("\n".join(list_models(args.task)))
+
+
+def cmd_zoo(args) -> None:
+    from ..utils.complexity import count_macs, count_params
+    from ..zoo import MODELS, create_model
+
+    rows = []
+    for name in sorted(MODELS, key=lambda n: (MODELS[n].task, n)):
+        spec = MODELS[name]
+        published = "; ".join(
+            f"{pw.source}: " + (", ".join(f"{k} {v}" for k, v in pw.metrics.items()) or "-") for pw in spec.weights
+        ) or "no weights released"
+        files = ", ".join(pw.filename for pw in spec.weights) or "-"
+        row = [name, spec.task, published, files]
+        if args.measure:
+            model = create_model(name).eval()
+            h, w = (224, 224) if spec.task == "classification" else (800, 1333)
+            row += [f"{count_params(model) / 1e6:.2f}", f"{count_macs(model, torch.zeros(1, 3, h, w)) / 1e9:.1f}"]
+        rows.append(row)
+    header = ["model", "task", "published (marked by source)", "file"]
+    print(_table(rows, header + (["params (M)", "GMACs"] if args.measure else [])))
+
+
+def cmd_classify(args) -> None:
+    from ..data.image import classification_input
+    from ..zoo import create_model
+
+    model = create_model(args.model, weights=args.weights).eval()
+    for image in args.images:
+        x = classification_input(image, model.preprocess)[None]
+        with torch.inference_mode():
+            probs = model(x).softmax(-1)[0]
+        top = probs.topk(args.topk)
+        print(f"{image}: " + ", ".join(f"class {i} ({p:.3f})" for p, i in zip(top.values.tolist(), top.indices.tolist())))
+
+
+def default_image() -> Path:
+    """A real photo from ../shared/data beside the repository (the bundled default of the main job)."""
+    root = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "tiny_coco" / "val2017"
+    path = root / "000000006818.jpg"
+    if not path.is_file():
+        raise Res2DetError(f"{path}: default image not found (../shared must sit beside the repository); pass IMAGE")
+    return path
+
+
+def cmd_demo(args) -> None:
+    from ..data.image import classification_input
+    from ..utils.complexity import count_macs, count_params
+    from ..zoo import create_model
+
+    image = args.image or default_image()
+    model = create_model(args.model, weights=args.weights).eval()
+    x = classification_input(image, model.preprocess)[None]
+    print(f"model {args.model}: {count_params(model) / 1e6:.2f} M params, "
+          f"{count_macs(model, x) / 1e9:.3f} GMACs at 224x224")
+    if args.weights is None:
+        print("weights: none given, so this model is randomly initialised (no pretrained weights are on this "
+              "machine); its class scores mean nothing. Pass --weights FILE or --weights official.")
+    with torch.inference_mode():
+        start = time.perf_counter()
+        feats = model.forward_features(x)
+        logits = model.forward_head(feats[-1])
+        elapsed = time.perf_counter() - start
+    print(f"image {image}: input {tuple(x.shape)}, forward {elapsed * 1000:.0f} ms")
+    for i, f in enumerate(feats):
+        print(f"  C{i + 2}: {tuple(f.shape)}  stride {model.out_strides[i]}")
+    top = logits.softmax(-1)[0].topk(5)
+    print("  top-5 classes: " + ", ".join(f"{i} ({p:.3f})" for p, i in zip(top.values.tolist(), top.indices.tolist())))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="res2det", description="Res2Net backbones and detectors")
+    parser.add_argument("--version", action="version", version=f"res2det {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="names of the models create_model accepts")
+    p.add_argument("--task", choices=["classification", "detection", "instance_segmentation"])
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("zoo", help="every named model with its published weights and figures")
+    p.add_argument("--measure", action="store_true", help="also build each model and count params and GMACs")
+    p.set_defaults(func=cmd_zoo)
+
+    p = sub.add_parser("classify", help="top-k ImageNet classes for images")
+    p.add_argument("--model", required=True)
+    p.add_argument("--weights", help="checkpoint file or a published source ('official', 'timm', ...)")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("images", nargs="+")
+    p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("demo", help="the main job: a Res2Net forward pass on a real photo")
+    p.add_argument("--model", default="res2net50_v1b_26w_4s")
+    p.add_argument("--weights")
+    p.add_argument("image", nargs="?")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except Res2DetError as e:
+        print(f"res2det: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

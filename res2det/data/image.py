@@ -1,0 +1,75 @@
+"""Reading images and turning them into model input."""
+from __future__ import annotations
+
+import os
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..errors import Res2DetError
+from ..zoo.registry import Preprocess
+
+ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """An RGB PIL image with its EXIF orientation applied; a clear error naming the file otherwise."""
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            img.load()
+    except FileNotFoundError:
+        raise Res2DetError(f"{path}: image file not found") from None
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise Res2DetError(f"{path}: not a readable image ({e})") from None
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit / float grayscale: scale to 0..255 before converting, PIL would clip otherwise
+        arr = np.asarray(img, dtype=np.float32)
+        top = float(arr.max()) or 1.0
+        img = Image.fromarray(np.clip(arr * (255.0 / (65535.0 if top > 255 else 255.0)), 0, 255).astype(np.uint8))
+    return img.convert("RGB")
+
+
+def to_rgb_uint8(image: ImageLike) -> np.ndarray:
+    """Any supported image input as an HxWx3 uint8 RGB array."""
+    if isinstance(image, (str, os.PathLike)):
+        image = load_image(image)
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    if isinstance(image, torch.Tensor):
+        t = image.detach().cpu()
+        if t.ndim == 3 and t.shape[0] == 3 and t.shape[-1] != 3:
+            t = t.permute(1, 2, 0)
+        if t.is_floating_point():
+            t = (t * 255 if float(t.max()) <= 1.0 else t).round().clamp(0, 255)
+        image = t.to(torch.uint8).numpy()
+    if isinstance(image, np.ndarray):
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=2)
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise Res2DetError(f"expected an HxWx3 image array, got shape {image.shape}")
+        return np.ascontiguousarray(image.astype(np.uint8, copy=False))
+    raise Res2DetError(f"unsupported image input of type {type(image).__name__}")
+
+
+def normalize(rgb: np.ndarray, pre: Preprocess) -> torch.Tensor:
+    """HxWx3 uint8 RGB -> 3xHxW float tensor, ``(x - mean) / std`` with the weights' own statistics."""
+    x = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).float()
+    return (x - torch.tensor(pre.mean).view(3, 1, 1)) / torch.tensor(pre.std).view(3, 1, 1)
+
+
+def classification_input(image: ImageLike, pre: Preprocess) -> torch.Tensor:
+    """The ImageNet eval transform: resize the short side to size/crop_pct (bilinear), centre-crop, normalise."""
+    img = Image.fromarray(to_rgb_uint8(image))
+    h, w = pre.input_size
+    short = int(h / (pre.crop_pct or 1.0))
+    # torchvision's Resize(int): the short side becomes `short`, the long side is truncated, not rounded
+    if img.width <= img.height:
+        size = (short, int(short * img.height / img.width))
+    else:
+        size = (int(short * img.width / img.height), short)
+    img = img.resize(size, Image.BILINEAR)
+    left, top = round((img.width - w) / 2), round((img.height - h) / 2)
+    return normalize(np.asarray(img.crop((left, top, left + w, top + h))), pre)

@@ -1,0 +1,9 @@
+"""User-facing errors: the CLI prints their message and exits with code 2, without a traceback."""
+
+
+class Res2DetError(Exception):
+    """A problem with the user's input (file, checkpoint, config value, model name)."""
+
+
+class CheckpointError(Res2DetError):
+    """A checkpoint that cannot be read or does not fit the model."""

@@ -1,0 +1,64 @@
+"""The model table: one ``ModelSpec`` per named model (a model-zoo row), with its typed config, the
+published weights it can load and how their keys map onto res2det's."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+StateDict = dict[str, torch.Tensor]
+KeyMap = Callable[[StateDict], StateDict]
+
+IMAGENET_MEAN = (123.675, 116.28, 103.53)  # RGB, 0..255 pixel scale
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How the weights expect their input: RGB pixels in 0..255, ``(x - mean) / std``."""
+
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    input_size: tuple[int, int] = (224, 224)  # (H, W); detectors: the (short, long) resize bounds
+    crop_pct: float | None = 0.875
+    interpolation: str = "bilinear"
+
+
+@dataclass(frozen=True)
+class PublishedWeights:
+    """A released checkpoint. The file name carries the first hex digits of its sha256 where the publisher
+    did so; ``download`` verifies them."""
+
+    source: str  # 'official', 'timm', 'torchvision', 'mmdet', 'paddle': also the key-map format
+    url: str
+    metrics: dict[str, float] = field(default_factory=dict)  # as published (top1, box_ap, mask_ap, ...)
+    notes: str = ""
+
+    @property
+    def filename(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    task: str  # 'classification' | 'detection' | 'instance_segmentation'
+    config: Any  # a dataclass; create_model(**overrides) replaces its fields
+    build: Callable[[Any], nn.Module]
+    key_maps: dict[str, KeyMap]  # format name -> rename into res2det keys
+    detect_format: Callable[[StateDict], str | None]
+    weights: tuple[PublishedWeights, ...] = ()
+    preprocess: Preprocess = Preprocess()
+    description: str = ""
+
+
+MODELS: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    if spec.name in MODELS:
+        raise ValueError(f"model {spec.name!r} registered twice")
+    MODELS[spec.name] = spec
+    return spec

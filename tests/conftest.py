@@ -1,0 +1,47 @@
+"""Shared test helpers: the reference fixtures in ../shared (beside the repository, as in CI)."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+REFERENCE = SHARED / "reference"
+
+
+def _load_module(name: str):
+    path = REFERENCE / f"{name}.py"
+    if not path.is_file():
+        pytest.skip(f"reference helper {path} not found (../shared must sit beside the repository)")
+    spec = importlib.util.spec_from_file_location(f"_ref_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def seeded_weights():
+    return _load_module("seeded_weights")
+
+
+@pytest.fixture(scope="session")
+def check_parity():
+    return _load_module("check_parity")
+
+
+@pytest.fixture(scope="session")
+def seeded_checkpoint(seeded_weights, tmp_path_factory):
+    """seeded_checkpoint(layout_name) -> path of a .pth with the seed-0 weights in that layout's own names."""
+    cache: dict[str, Path] = {}
+
+    def make(layout: str) -> Path:
+        if layout not in cache:
+            sd = seeded_weights.seeded_state_dict(seeded_weights.load_layout(REFERENCE / "layouts" / f"{layout}.json"), 0)
+            path = tmp_path_factory.mktemp("weights") / f"{layout}.pth"
+            torch.save(sd, path)
+            cache[layout] = path
+        return cache[layout]
+
+    return make
