@@ -1,0 +1,133 @@
+"""Backbone benchmark: params, MACs and latency of Res2Net-50/101 vs ResNet-50/101, eager vs optimised.
+
+    python benchmarks/backbone.py [--json OUT] [--repeats 15] [--threads 2] [--device cpu|cuda] [--amp]
+
+Latency is the median over ``--repeats`` timed calls after warm-up, in eval mode. All variants of one input
+setting are timed interleaved (round-robin), so machine noise hits them alike and the ratios are fair.
+'optimised' is ``res2det.optimize.optimize_for_inference`` with the options given by ``--opt``; every
+optimised model's output is checked against eager (max abs diff printed; must stay <= 1e-4).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import res2det  # noqa: E402
+from res2det.optimize import optimize_for_inference  # noqa: E402
+from res2det.utils.complexity import count_macs, count_params  # noqa: E402
+
+MODELS = ["res2net50_26w_4s", "resnet50", "res2net101_26w_4s", "resnet101"]
+SETTINGS = {"b1_224": (1, 224, 224), "b8_224": (8, 224, 224), "b1_800x1333": (1, 800, 1333)}
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(fns: dict, x: torch.Tensor, *, warmup: int, repeats: int, device: str) -> dict[str, float]:
+    times = {k: [] for k in fns}
+    with torch.inference_mode():
+        for fn in fns.values():
+            for _ in range(warmup):
+                fn(x)
+        _sync(device)
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                start = time.perf_counter()
+                fn(x)
+                _sync(device)
+                times[name].append(time.perf_counter() - start)
+    return {k: statistics.median(v) * 1000 for k, v in times.items()}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=MODELS)
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--amp", action="store_true", help="autocast to fp16 (cuda) / bf16 (cpu) for every variant")
+    ap.add_argument("--opt", default="jit", help="comma list of optimize_for_inference flags: jit,onednn,channels_last")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    flags = set(filter(None, args.opt.split(",")))
+    opt_kwargs = dict(jit="jit" in flags, onednn="onednn" in flags, channels_last="channels_last" in flags)
+
+    rows = []
+    for setting in args.settings:
+        b, h, w = SETTINGS[setting]
+        x = torch.randn(b, 3, h, w, generator=torch.Generator().manual_seed(0)).to(args.device)
+        fns, info = {}, {}
+        for name in args.models:
+            model = res2det.create_model(name).eval()
+            torch.manual_seed(0)
+            for m in model.modules():  # non-trivial BN statistics so that folding is really tested
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.running_mean.uniform_(-0.1, 0.1)
+                    m.running_var.uniform_(0.5, 2.0)
+            model = model.to(args.device)
+            opt = optimize_for_inference(model, x, **opt_kwargs)
+            with torch.inference_mode():
+                diff = (opt(x) - model(x)).abs().max().item()
+            info[name] = dict(params_m=count_params(model) / 1e6, gmacs=count_macs(model, x[:1]) / 1e9, max_abs_diff=diff)
+            autocast = torch.autocast(args.device, dtype=torch.float16 if args.device == "cuda" else torch.bfloat16,
+                                      enabled=args.amp)
+
+            def wrap(f, autocast=autocast):
+                def run(inp):
+                    with autocast:
+                        return f(inp)
+                return run
+
+            fns[f"{name}|eager"] = wrap(model)
+            fns[f"{name}|optimised"] = wrap(opt)
+        ms = time_interleaved(fns, x, warmup=args.warmup, repeats=args.repeats, device=args.device)
+        for name in args.models:
+            eager, opt = ms[f"{name}|eager"], ms[f"{name}|optimised"]
+            rows.append(dict(setting=setting, model=name, eager_ms=eager, optimised_ms=opt, speedup=eager / opt,
+                             images_per_s=b * 1000 / opt, **info[name]))
+        for row in rows:
+            if row["setting"] == setting and row["model"].startswith("res2net"):
+                base = "resnet" + row["model"][len("res2net"):].split("_")[0]
+                ref = next((r for r in rows if r["setting"] == setting and r["model"] == base), None)
+                if ref:
+                    row["vs_resnet_optimised"] = ref["optimised_ms"] / row["optimised_ms"]
+                    row["vs_resnet_eager"] = ref["eager_ms"] / row["eager_ms"]
+
+    header = f"{'setting':12s} {'model':18s} {'params(M)':>9s} {'GMACs':>6s} {'eager ms':>9s} {'opt ms':>8s} " \
+             f"{'speedup':>7s} {'vs ResNet (opt)':>15s} {'max|d|':>8s}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        vs = f"{r['vs_resnet_optimised']:.2f}x" if "vs_resnet_optimised" in r else "-"
+        print(f"{r['setting']:12s} {r['model']:18s} {r['params_m']:9.2f} {r['gmacs']:6.2f} {r['eager_ms']:9.1f} "
+              f"{r['optimised_ms']:8.1f} {r['speedup']:6.2f}x {vs:>15s} {r['max_abs_diff']:8.1e}")
+    result = dict(
+        rows=rows,
+        options=dict(opt=sorted(flags), device=args.device, amp=args.amp, threads=torch.get_num_threads(),
+                     repeats=args.repeats, warmup=args.warmup),
+        machine=dict(torch=torch.__version__, python=platform.python_version(), cpu=platform.processor() or platform.machine(),
+                     cuda=torch.cuda.get_device_name() if args.device == "cuda" else None),
+    )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

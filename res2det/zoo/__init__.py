@@ -1,0 +1,104 @@
+"""Named models and their published weights: ``create_model`` and ``list_models``."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from typing import Any
+
+from torch import nn
+
+from ..checkpoint import download, load_state_dict_strict, read_weights
+from ..errors import CheckpointError, Res2DetError
+from . import classifiers  # noqa: F401  (registers the ImageNet models)
+from . import detectors  # noqa: F401
+from .registry import MODELS, ModelSpec, Preprocess, PublishedWeights, register
+
+
+def list_models(task: str | None = None) -> list[str]:
+    """Names accepted by ``create_model``, optionally only those of one task."""
+    return sorted(n for n, s in MODELS.items() if task is None or s.task == task)
+
+
+def get_spec(name: str) -> ModelSpec:
+    if name not in MODELS:
+        close = difflib.get_close_matches(name, MODELS, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see `res2det zoo` or res2det.list_models()"
+        raise Res2DetError(f"unknown model {name!r}{hint}")
+    return MODELS[name]
+
+
+def apply_overrides(config: Any, overrides: dict[str, Any]) -> Any:
+    """Replace fields of a (nested) config dataclass by name; a name must match exactly one field."""
+    direct = {f.name for f in dataclasses.fields(config)}
+    own = {k: v for k, v in overrides.items() if k in direct}
+    rest = {k: v for k, v in overrides.items() if k not in direct}
+    for f in dataclasses.fields(config):
+        value = own.get(f.name, getattr(config, f.name))
+        if rest and dataclasses.is_dataclass(value):
+            fields = {g.name for g in dataclasses.fields(value)}
+            mine = {k: v for k, v in rest.items() if k in fields}
+            if mine:
+                own[f.name] = apply_overrides(value, mine)
+                rest = {k: v for k, v in rest.items() if k not in mine}
+    if rest:
+        raise Res2DetError(f"unknown config option(s) {sorted(rest)} for {type(config).__name__}")
+    return dataclasses.replace(config, **own)
+
+
+SOURCES = ("official", "timm", "torchvision", "mmdet", "paddle")
+
+
+def _resolve_weights(spec: ModelSpec, weights: str) -> tuple[str, str | None]:
+    """A published source name ('official', 'mmdet', ...) is downloaded and verified; anything else is a path."""
+    for pw in spec.weights:
+        if weights == pw.source:
+            return str(download(pw.url)), pw.source
+    if weights in SOURCES:
+        published = [pw.source for pw in spec.weights] or ["none"]
+        raise Res2DetError(f"{spec.name}: no published {weights!r} weights (published: {', '.join(published)})")
+    return weights, None
+
+
+def load_weights(model: nn.Module, spec: ModelSpec, path: str, *, weights_format: str | None = None) -> str:
+    """Strictly load a checkpoint file into ``model`` (built from ``spec``); returns the format used."""
+    state, meta = read_weights(path)
+    if meta.get("format") == "res2det":
+        if meta.get("model") not in (None, spec.name):
+            raise CheckpointError(f"{path}: this checkpoint is for model {meta['model']!r}, not {spec.name!r}")
+        fmt = "res2det"
+    else:
+        fmt = weights_format or spec.detect_format(state)
+        if fmt is None:
+            raise CheckpointError(
+                f"{path}: cannot tell the checkpoint format from its keys (first: {list(state)[:3]}); "
+                f"pass weights_format= one of {sorted(spec.key_maps)}"
+            )
+        if fmt not in spec.key_maps:
+            raise CheckpointError(f"{path}: format {fmt!r} is not available for {spec.name}; use one of {sorted(spec.key_maps)}")
+        state = spec.key_maps[fmt](state)
+    load_state_dict_strict(model, state, source=f"{path} ({fmt} format, model {spec.name})")
+    return fmt
+
+
+def create_model(name: str, weights: str | None = None, *, weights_format: str | None = None, **overrides) -> nn.Module:
+    """Build a named model; with ``weights`` (a file, or a published source such as 'official') load them
+    strictly and return the model in eval mode. ``overrides`` replace config fields (e.g. ``frozen_stages=1``)."""
+    spec = get_spec(name)
+    config = apply_overrides(spec.config, overrides)
+    try:
+        model = spec.build(config)
+    except ValueError as e:
+        raise Res2DetError(f"{name}: bad config value: {e}") from None
+    model.model_name = name
+    model.config = config
+    model.preprocess = spec.preprocess
+    if weights is not None:
+        path, source = _resolve_weights(spec, weights)
+        load_weights(model, spec, path, weights_format=weights_format or source)
+        model.eval()
+    return model
+
+
+__all__ = ["create_model", "list_models", "get_spec", "load_weights", "MODELS", "ModelSpec", "Preprocess",
+           "PublishedWeights", "register", "apply_overrides"]

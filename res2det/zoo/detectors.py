@@ -1,0 +1,100 @@
+"""COCO detectors: mmdetection's Res2Net-101 Faster / Mask R-CNN (FPN, 2x schedule)."""
+from __future__ import annotations
+
+import re
+
+from ..errors import CheckpointError
+from ..models.backbones import BackboneConfig
+from ..models.detectors import DetectorConfig, RoIHeadConfig, build_detector
+from ..models.heads import MaxIoUAssigner, RCNNTrainConfig
+from .registry import ModelSpec, Preprocess, PublishedWeights, StateDict, register
+
+MMDET_URL = "https://download.openmmlab.com/mmdetection/v2.0/res2net/"
+
+COCO_CLASSES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
+    "hair drier", "toothbrush",
+)
+
+# mmdet detection input: BGR->RGB, ImageNet mean/std on 0..255 pixels, resize to fit (800, 1333), pad to 32.
+DETECTION_PREPROCESS = Preprocess(mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375),
+                                  input_size=(800, 1333), crop_pct=None)
+
+# mmdet -> res2det renames. Every key must match exactly one rule; anything else is an error, never dropped.
+_MMDET_RULES = [
+    # mmdet's deep stem is stem.0..6 + the BN stem.7; res2det keeps the official conv1.0..6 + bn1.
+    (re.compile(r"backbone\.stem\.7\.(.+)"), r"backbone.bn1.\1"),
+    (re.compile(r"backbone\.stem\.([0-6])\.(.+)"), r"backbone.conv1.\1.\2"),
+    (re.compile(r"backbone\.layer[1-4]\..+"), r"\g<0>"),
+    # mmdet wraps FPN and mask-head convs in ConvModule (.conv); res2det uses plain Conv2d.
+    (re.compile(r"neck\.(lateral_convs|fpn_convs)\.(\d+)\.conv\.(weight|bias)"), r"neck.\1.\2.\3"),
+    (re.compile(r"rpn_head\.(rpn_conv|rpn_cls|rpn_reg)\.(weight|bias)"), r"\g<0>"),
+    (re.compile(r"roi_head\.bbox_head\.(shared_fcs\.\d+|fc_cls|fc_reg)\.(weight|bias)"), r"\g<0>"),
+    (re.compile(r"roi_head\.mask_head\.convs\.(\d+)\.conv\.(weight|bias)"), r"roi_head.mask_head.convs.\1.\2"),
+    (re.compile(r"roi_head\.mask_head\.(upsample|conv_logits)\.(weight|bias)"), r"\g<0>"),
+]
+
+
+def mmdet_to_res2det(state: StateDict) -> StateDict:
+    """Rename an mmdetection two-stage checkpoint into res2det keys (strict: unknown keys raise)."""
+    out, unknown = {}, []
+    for key, value in state.items():
+        for pattern, repl in _MMDET_RULES:
+            m = pattern.fullmatch(key)
+            if m:
+                out[m.expand(repl)] = value
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        shown = ", ".join(unknown[:12]) + (f", ... ({len(unknown) - 12} more)" if len(unknown) > 12 else "")
+        raise CheckpointError(f"mmdet checkpoint has {len(unknown)} key(s) with no res2det counterpart: {shown}")
+    return out
+
+
+def _detect(state: StateDict) -> str | None:
+    return "mmdet" if "backbone.stem.0.weight" in state else None
+
+
+_R2_101 = BackboneConfig(depth=101, base_width=26, scale=4, stem="deep", shortcut="avg", stage_block="mmdet",
+                         frozen_stages=1, norm_eval=True)
+
+# mmdet's Mask R-CNN base config (unlike Faster R-CNN's) lets each gt claim its best proposal in the R-CNN
+# assigner (match_low_quality=True); the gts are also added as proposals, so this rarely changes anything.
+_MASK_RCNN_TRAIN = RCNNTrainConfig(assigner=MaxIoUAssigner(pos_iou_thr=0.5, neg_iou_thr=0.5, min_pos_iou=0.5,
+                                                          match_low_quality=True))
+
+_ROWS = [
+    ("faster_rcnn_r2_101_fpn_2x_coco", "detection", False, "faster_rcnn_r2_101_fpn_2x_coco-175f1da6.pth",
+     {"box_ap": 43.0}),
+    ("mask_rcnn_r2_101_fpn_2x_coco", "instance_segmentation", True, "mask_rcnn_r2_101_fpn_2x_coco-17f061e8.pth",
+     {"box_ap": 43.6, "mask_ap": 38.7}),
+]
+
+for _name, _task, _mask, _file, _metrics in _ROWS:
+    register(
+        ModelSpec(
+            name=_name,
+            task=_task,
+            config=DetectorConfig(
+                backbone=_R2_101,
+                roi_head=RoIHeadConfig(with_mask=True, rcnn_train=_MASK_RCNN_TRAIN) if _mask else RoIHeadConfig(),
+                class_names=COCO_CLASSES,
+            ),
+            build=build_detector,
+            key_maps={"mmdet": mmdet_to_res2det},
+            detect_format=_detect,
+            weights=(PublishedWeights("mmdet", f"{MMDET_URL}{_name}/{_file}", dict(_metrics)),),
+            preprocess=DETECTION_PREPROCESS,
+            description=f"{'Mask' if _mask else 'Faster'} R-CNN, Res2Net-101 26w4s + FPN, COCO 2x (mmdetection)",
+        )
+    )
+
+__all__ = ["COCO_CLASSES", "DETECTION_PREPROCESS", "mmdet_to_res2det"]
