@@ -45,3 +45,24 @@ def seeded_checkpoint(seeded_weights, tmp_path_factory):
         return cache[layout]
 
     return make
+
+
+MASK_RCNN = "mask_rcnn_r2_101_fpn_2x_coco"
+PHOTO = SHARED / "data" / "tiny_coco" / "val2017" / "000000037777.jpg"  # 352x230: upscaled 3.48x by predict
+
+
+@pytest.fixture(scope="session")
+def seeded_mask_rcnn(seeded_checkpoint):
+    """The R2-101 Mask R-CNN with the seed-0 reference weights, built once per session (eval mode)."""
+    import res2det
+
+    return res2det.create_model(MASK_RCNN, weights=str(seeded_checkpoint(MASK_RCNN)))
+
+
+@pytest.fixture(scope="session")
+def photo_detections(seeded_mask_rcnn):
+    """``seeded_mask_rcnn.predict`` of a real photo of another size than the model input (one forward)."""
+    if not PHOTO.is_file():
+        pytest.skip(f"{PHOTO} not found (../shared must sit beside the repository)")
+    (det,) = seeded_mask_rcnn.predict(str(PHOTO))
+    return det

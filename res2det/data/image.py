@@ -6,6 +6,7 @@ from typing import Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import Res2DetError
@@ -30,6 +31,17 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         top = float(arr.max()) or 1.0
         img = Image.fromarray(np.clip(arr * (255.0 / (65535.0 if top > 255 else 255.0)), 0, 255).astype(np.uint8))
     return img.convert("RGB")
+
+
+def check_image(path: str | os.PathLike) -> None:
+    """Cheap early check that ``path`` is an image file PIL can identify (reads the header only)."""
+    try:
+        with Image.open(path) as img:
+            img.size
+    except FileNotFoundError:
+        raise Res2DetError(f"{path}: image file not found") from None
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise Res2DetError(f"{path}: not a readable image ({e})") from None
 
 
 def to_rgb_uint8(image: ImageLike) -> np.ndarray:
@@ -73,3 +85,41 @@ def classification_input(image: ImageLike, pre: Preprocess) -> torch.Tensor:
     img = img.resize(size, Image.BILINEAR)
     left, top = round((img.width - w) / 2), round((img.height - h) / 2)
     return normalize(np.asarray(img.crop((left, top, left + w, top + h))), pre)
+
+
+def rescale_size(width: int, height: int, bounds: tuple[int, int]) -> tuple[int, int]:
+    """mmcv's keep-ratio rule (``imrescale`` with a (short, long) bound pair): the largest scale at which the
+    short side fits ``min(bounds)`` and the long side ``max(bounds)``; sizes are rounded half up.
+    Returns the new ``(width, height)``."""
+    scale = min(max(bounds) / max(width, height), min(bounds) / min(width, height))
+    return int(width * scale + 0.5), int(height * scale + 0.5)
+
+
+def resize_bilinear(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
+    """HxWx3 uint8 -> ``height x width x 3`` uint8, bilinear with half-pixel centres and no antialiasing (as
+    OpenCV's INTER_LINEAR, which mmcv uses), rounded back to uint8."""
+    if rgb.shape[:2] == (height, width):
+        return rgb
+    x = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)[None].float()
+    x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=False)
+    return x[0].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+
+
+def detection_input(rgb: np.ndarray, pre: Preprocess) -> tuple[torch.Tensor, tuple[float, float]]:
+    """mmdetection's test pipeline for one HxWx3 uint8 RGB image: keep-ratio resize to fit the
+    ``pre.input_size`` (short, long) bounds, then normalise. Returns ``(3 x h' x w' tensor, (w'/w, h'/h))``,
+    the per-axis scale factors that map original pixels to input pixels. Padding is done per batch
+    (``pad_batch``)."""
+    h, w = rgb.shape[:2]
+    if h < 1 or w < 1:
+        raise Res2DetError(f"empty image of size {w}x{h}")
+    new_w, new_h = rescale_size(w, h, pre.input_size)
+    return normalize(resize_bilinear(rgb, new_w, new_h), pre), (new_w / w, new_h / h)
+
+
+def pad_batch(images: list[torch.Tensor], divisor: int = 32) -> torch.Tensor:
+    """Stack ``3 x h x w`` tensors into ``N x 3 x H x W``, zero-padded on the bottom/right to the largest size
+    rounded up to a multiple of ``divisor`` (mmdet's ``DetDataPreprocessor``, padding after normalisation)."""
+    hs, ws = [x.shape[-2] for x in images], [x.shape[-1] for x in images]
+    ph, pw = -(-max(hs) // divisor) * divisor, -(-max(ws) // divisor) * divisor
+    return torch.stack([F.pad(x, (0, pw - x.shape[-1], 0, ph - x.shape[-2])) for x in images])

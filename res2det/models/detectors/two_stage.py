@@ -1,15 +1,21 @@
 """Two-stage detectors (Faster / Mask R-CNN): backbone -> FPN -> RPN proposals -> RoI heads."""
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+import os
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ..backbones import build_backbone
-from ..heads import (AnchorGenerator, FCNMaskHead, RPNHead, Shared2FCBBoxHead, StandardRoIHead)
+from ..heads import (AnchorGenerator, FCNMaskHead, RPNHead, Shared2FCBBoxHead, StandardRoIHead, paste_masks)
 from ..necks import FPN
 from .config import DetectorConfig
+
+if TYPE_CHECKING:
+    from ...data.image import ImageLike
+    from ...detections import Detections
 
 ImageSizes = Sequence[tuple[int, int]]
 
@@ -17,9 +23,13 @@ ImageSizes = Sequence[tuple[int, int]]
 class TwoStageDetector(nn.Module):
     """mmdetection's split into ``backbone``, ``neck``, ``rpn_head`` and ``roi_head`` (the state-dict prefixes).
 
-    * eval: ``model(images, image_sizes)`` -> per image ``dict(boxes [K, 4] xyxy, scores [K], labels [K] int64,
-      masks [K, h, w] bool for mask models)`` in the input's pixel coordinates. ``images`` are normalised and
-      zero-padded on the bottom/right; ``image_sizes`` are the unpadded ``(h, w)`` (default: the full tensor).
+    * ``predict(images)``: the user-level entry. Paths, PIL images, HxWx3 uint8 arrays or image tensors go
+      through mmdetection's test pipeline (keep-ratio resize to fit (800, 1333), normalise, pad to 32) and come
+      back as ``Detections`` in each original image's pixels.
+    * eval: ``model(images, image_sizes)`` = ``detect(images, image_sizes)`` -> per image ``dict(boxes [K, 4]
+      xyxy, scores [K], labels [K] int64, masks [K, h, w] bool for mask models)`` in the input's pixel
+      coordinates. ``images`` are normalised and zero-padded on the bottom/right; ``image_sizes`` are the
+      unpadded ``(h, w)`` (default: the full tensor).
     * train: ``model(images, targets)`` -> dict of losses (``loss_rpn_cls``, ``loss_rpn_bbox``, ``loss_cls``,
       ``loss_bbox``[, ``loss_mask``]). ``targets`` holds per image ``boxes [N, 4]`` (padded-input pixels),
       ``labels [N]`` (0..C-1) and, for mask models, ``masks [N, H, W]``.
@@ -44,7 +54,7 @@ class TwoStageDetector(nn.Module):
             if targets is None:
                 raise ValueError("in train mode the detector needs targets; call model.eval() for inference")
             return self.loss(images, targets, image_sizes)
-        return self.predict(images, image_sizes)
+        return self.detect(images, image_sizes)
 
     def extract_feat(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """(backbone C2..C5, FPN P2..P6)."""
@@ -59,15 +69,22 @@ class TwoStageDetector(nn.Module):
             raise ValueError(f"{len(image_sizes)} image sizes for a batch of {images.shape[0]}")
         return [(int(h), int(w)) for h, w in image_sizes]
 
-    def predict(self, images: Tensor, image_sizes: ImageSizes | None = None, *,
-                capture: dict[str, Tensor] | None = None) -> list[dict[str, Tensor]]:
-        """Detections per image; with ``capture`` (a dict) the intermediate tensors are stored in it."""
+    def detect(self, images: Tensor, image_sizes: ImageSizes | None = None, *,
+               capture: dict[str, Tensor] | None = None, paste_masks: bool = True) -> list[dict[str, Tensor]]:
+        """Detections per image of a normalised, padded batch, in input pixels; with ``capture`` (a dict) the
+        intermediate tensors are stored in it. Mask models return ``masks [K, h, w]`` pasted into the input
+        or, with ``paste_masks=False``, the ``mask_probs [K, 28, 28]`` of each detection (its class's map,
+        after the sigmoid) to paste elsewhere (``predict`` pastes them at the original image size)."""
         sizes = self._sizes(images, image_sizes)
         feats, pyramid = self.extract_feat(images)
         cls_scores, bbox_preds = self.rpn_head(pyramid)
         proposals = self.rpn_head.predict_proposals(cls_scores, bbox_preds, sizes)
-        results = self.roi_head.predict(pyramid, [p[0] for p in proposals], sizes, capture=capture)
+        results = self.roi_head.predict(pyramid, [p[0] for p in proposals], sizes, capture=capture,
+                                        paste=paste_masks)
         mask_logits = [r.pop("mask_logits", None) for r in results]
+        if not paste_masks and self.roi_head.with_mask:
+            for r, logits in zip(results, mask_logits):
+                r["mask_probs"] = logits.sigmoid()
         if capture is not None:
             capture["input"] = images
             capture.update({f"backbone.{i}": f for i, f in enumerate(feats)})
@@ -78,10 +95,78 @@ class TwoStageDetector(nn.Module):
                 capture["rpn_proposals.bboxes"], capture["rpn_proposals.scores"] = proposals[0]
                 r = results[0]
                 capture.update({"det.bboxes": r["boxes"], "det.scores": r["scores"], "det.labels": r["labels"]})
-                if "masks" in r:
+                if mask_logits[0] is not None:
                     capture["det.mask_logits.0"] = mask_logits[0]
+                if "masks" in r:
                     capture["det.masks"] = r["masks"]
         return results
+
+    def predict(self, images: "ImageLike | Sequence[ImageLike]", *, score_thr: float | None = None,
+                batch_size: int = 1) -> "list[Detections]":
+        """Detect objects in images given as paths, PIL images, HxWx3 uint8 arrays or tensors (HxWx3 or 3xHxW;
+        floats in 0..1 or 0..255), one or a list (an ``N x 3 x H x W`` tensor or ``N x H x W x 3`` array is
+        a list of N). Returns one ``Detections`` per image, always a list.
+
+        As mmdetection's test pipeline: keep-ratio resize to fit the model's (short, long) input bounds
+        (mmcv's rule, bilinear), normalise with ``model.preprocess``, zero-pad bottom/right to a multiple of 32,
+        ``batch_size`` images per forward. Boxes are divided by the per-axis scale factors and clipped to the
+        original image; masks are pasted at the original size from those boxes. ``score_thr`` keeps only
+        detections scoring at least that much (after the model's own test threshold). Runs under
+        ``torch.inference_mode`` in eval mode (the previous mode is restored); the returned tensors are
+        ordinary CPU tensors.
+        """
+        from ...data.image import to_rgb_uint8
+        from ...detections import Detections
+        from ...errors import Res2DetError
+
+        if batch_size < 1:
+            raise Res2DetError(f"batch_size must be at least 1, got {batch_size}")
+        items = _image_list(images)
+        names = self.class_names
+        out: list[Detections] = []
+        was_training = self.training
+        self.eval()
+        try:
+            for start in range(0, len(items), batch_size):
+                rgbs = [to_rgb_uint8(x) for x in items[start:start + batch_size]]
+                for rgb, (boxes, scores, labels, masks) in zip(rgbs, self._predict_batch(rgbs, score_thr)):
+                    # clone: inference tensors would refuse in-place edits outside inference mode
+                    out.append(Detections(
+                        boxes=boxes.clone(), scores=scores.clone(), labels=labels.clone(),
+                        categories=[names[i] if i < len(names) else str(i) for i in labels.tolist()],
+                        masks=None if masks is None else masks.clone(), width=int(rgb.shape[1]),
+                        height=int(rgb.shape[0])))
+        finally:
+            self.train(was_training)
+        return out
+
+    @torch.inference_mode()
+    def _predict_batch(self, rgbs: list[np.ndarray], score_thr: float | None
+                       ) -> list[tuple[Tensor, Tensor, Tensor, Tensor | None]]:
+        """(boxes, scores, labels, masks) per HxWx3 uint8 image, in its own pixels (see ``predict``)."""
+        from ...data.image import detection_input, pad_batch
+
+        pre = _detection_preprocess(getattr(self, "preprocess", None))
+        param = next(self.parameters())
+        inputs = [detection_input(rgb, pre) for rgb in rgbs]
+        batch = pad_batch([x for x, _ in inputs]).to(param.device, param.dtype)
+        sizes = [tuple(x.shape[-2:]) for x, _ in inputs]
+        out = []
+        for rgb, (_, (sx, sy)), r in zip(rgbs, inputs, self.detect(batch, sizes, paste_masks=False)):
+            h, w = rgb.shape[:2]
+            boxes = r["boxes"].float() / r["boxes"].new_tensor([sx, sy, sx, sy], dtype=torch.float32)
+            scores, labels, probs = r["scores"].float(), r["labels"].long(), r.get("mask_probs")
+            if score_thr is not None:
+                keep = torch.nonzero(scores >= score_thr).flatten()
+                boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+                probs = None if probs is None else probs[keep]
+            masks = None
+            if probs is not None:  # as mmdet with rescale=True: pasted from the rescaled, unclipped boxes
+                masks = paste_masks(probs, boxes, (h, w), self.roi_head.test_cfg.mask_thr_binary).cpu()
+            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+            out.append((boxes.cpu(), scores.cpu(), labels.cpu(), masks))
+        return out
 
     @torch.no_grad()
     def forward_with_intermediates(self, images: Tensor, image_sizes: ImageSizes | None = None
@@ -89,7 +174,7 @@ class TwoStageDetector(nn.Module):
         """``(detections, intermediates)`` for inference; per-image intermediates (proposals, ``det.*``) are
         recorded for a batch of one."""
         capture: dict[str, Tensor] = {}
-        return self.predict(images, image_sizes, capture=capture), capture
+        return self.detect(images, image_sizes, capture=capture), capture
 
     def loss(self, images: Tensor, targets: Sequence[Mapping[str, Tensor]],
              image_sizes: ImageSizes | None = None) -> dict[str, Tensor]:
@@ -106,6 +191,22 @@ class TwoStageDetector(nn.Module):
                                                     cfg=self.rpn_head.train_cfg.proposals)
         losses.update(self.roi_head.loss(pyramid, [p[0] for p in proposals], gt_boxes, gt_labels, gt_masks))
         return losses
+
+
+def _image_list(images: Any) -> list:
+    """One image or a list of images -> a list; a 4-d tensor / array is a batch of images."""
+    if isinstance(images, (str, os.PathLike)) or not isinstance(images, (Sequence, Tensor, np.ndarray)):
+        return [images]  # a path, a PIL image, or something to_rgb_uint8 will name as unsupported
+    if isinstance(images, (Tensor, np.ndarray)):
+        return list(images) if images.ndim == 4 else [images]
+    return list(images)
+
+
+def _detection_preprocess(pre: Any) -> Any:
+    """The model's own ``Preprocess`` (set by ``create_model``), else ImageNet statistics and (800, 1333)."""
+    from ...zoo.registry import Preprocess
+
+    return pre if pre is not None else Preprocess(input_size=(800, 1333), crop_pct=None)
 
 
 def build_detector(cfg: DetectorConfig) -> TwoStageDetector:

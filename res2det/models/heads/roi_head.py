@@ -61,8 +61,10 @@ class StandardRoIHead(nn.Module):
         return self.mask_head is not None
 
     def predict(self, feats: Sequence[Tensor], proposals: Sequence[Tensor], image_sizes: Sequence[tuple[int, int]],
-                capture: dict[str, Tensor] | None = None) -> list[dict[str, Tensor]]:
-        """Per image dict(boxes, scores, labels[, masks]) from per-image proposal boxes ``[K, 4]``."""
+                capture: dict[str, Tensor] | None = None, *, paste: bool = True) -> list[dict[str, Tensor]]:
+        """Per image dict(boxes, scores, labels[, mask_logits, masks]) from per-image proposal boxes ``[K, 4]``.
+        Mask models add the final detections' ``mask_logits [K, 28, 28]`` (their own class's map) and, with
+        ``paste``, the ``masks [K, h, w]`` pasted into the input image."""
         cfg = self.test_cfg
         rois = boxes_to_rois(proposals)
         cls_score, bbox_pred = self.bbox_head(self.bbox_roi_extractor(feats, rois))
@@ -77,11 +79,12 @@ class StandardRoIHead(nn.Module):
                 iou_threshold=cfg.iou_threshold, max_per_img=cfg.max_per_img)
             results.append({"boxes": boxes, "scores": scores, "labels": labels})
         if self.with_mask:
-            self._predict_masks(feats, results, image_sizes, capture)
+            self._predict_masks(feats, results, image_sizes, capture, paste)
         return results
 
     def _predict_masks(self, feats: Sequence[Tensor], results: list[dict[str, Tensor]],
-                       image_sizes: Sequence[tuple[int, int]], capture: dict[str, Tensor] | None) -> None:
+                       image_sizes: Sequence[tuple[int, int]], capture: dict[str, Tensor] | None,
+                       paste: bool = True) -> None:
         boxes = [r["boxes"] for r in results]
         rois = boxes_to_rois(boxes)
         mask_pred = self.mask_head(self.mask_roi_extractor(feats, rois))  # empty batches work too
@@ -91,7 +94,8 @@ class StandardRoIHead(nn.Module):
         for r, (s, e), size in zip(results, _spans(boxes), image_sizes):
             logits = mask_pred[s:e][torch.arange(e - s, device=rois.device), r["labels"]]
             r["mask_logits"] = logits
-            r["masks"] = paste_masks(logits.sigmoid(), r["boxes"], size, self.test_cfg.mask_thr_binary)
+            if paste:
+                r["masks"] = paste_masks(logits.sigmoid(), r["boxes"], size, self.test_cfg.mask_thr_binary)
 
     def loss(self, feats: Sequence[Tensor], proposals: Sequence[Tensor], gt_boxes: Sequence[Tensor],
              gt_labels: Sequence[Tensor], gt_masks: Sequence[Tensor] | None = None) -> dict[str, Tensor]:
