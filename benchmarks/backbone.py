@@ -4,8 +4,9 @@
 
 Latency is the median over ``--repeats`` timed calls after warm-up, in eval mode. All variants of one input
 setting are timed interleaved (round-robin), so machine noise hits them alike and the ratios are fair.
-'optimised' is ``res2det.optimize.optimize_for_inference`` with the options given by ``--opt``; every
-optimised model's output is checked against eager (max abs diff printed; must stay <= 1e-4).
+'optimised' is ``res2det.optimize.optimize_for_inference`` (BN folding, fused ReLU, grouped stage-block
+convs, per-layer kernel and layout selection measured on this machine; the selection time is reported);
+every optimised model's output is checked against eager (max abs diff printed; must stay <= 1e-4).
 """
 from __future__ import annotations
 
@@ -54,18 +55,15 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=MODELS)
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--repeats", type=int, default=15, help="timed calls per variant (800x1333: at most 7)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--amp", action="store_true", help="autocast to fp16 (cuda) / bf16 (cpu) for every variant")
-    ap.add_argument("--opt", default="jit", help="comma list of optimize_for_inference flags: jit,onednn,channels_last")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    flags = set(filter(None, args.opt.split(",")))
-    opt_kwargs = dict(jit="jit" in flags, onednn="onednn" in flags, channels_last="channels_last" in flags)
 
     rows = []
     for setting in args.settings:
@@ -80,10 +78,13 @@ def main(argv=None) -> dict:
                     m.running_mean.uniform_(-0.1, 0.1)
                     m.running_var.uniform_(0.5, 2.0)
             model = model.to(args.device)
-            opt = optimize_for_inference(model, x, **opt_kwargs)
+            start = time.perf_counter()
+            opt = optimize_for_inference(model, x, select=args.device == "cpu")
+            tune_s = time.perf_counter() - start
             with torch.inference_mode():
                 diff = (opt(x) - model(x)).abs().max().item()
-            info[name] = dict(params_m=count_params(model) / 1e6, gmacs=count_macs(model, x[:1]) / 1e9, max_abs_diff=diff)
+            info[name] = dict(params_m=count_params(model) / 1e6, gmacs=count_macs(model, x[:1]) / 1e9, max_abs_diff=diff,
+                              selection_s=tune_s, stage_layouts=getattr(opt, 'stage_layouts', None))
             autocast = torch.autocast(args.device, dtype=torch.float16 if args.device == "cuda" else torch.bfloat16,
                                       enabled=args.amp)
 
@@ -95,7 +96,8 @@ def main(argv=None) -> dict:
 
             fns[f"{name}|eager"] = wrap(model)
             fns[f"{name}|optimised"] = wrap(opt)
-        ms = time_interleaved(fns, x, warmup=args.warmup, repeats=args.repeats, device=args.device)
+        repeats = min(args.repeats, 7) if h * w > 500_000 else args.repeats
+        ms = time_interleaved(fns, x, warmup=args.warmup, repeats=repeats, device=args.device)
         for name in args.models:
             eager, opt = ms[f"{name}|eager"], ms[f"{name}|optimised"]
             rows.append(dict(setting=setting, model=name, eager_ms=eager, optimised_ms=opt, speedup=eager / opt,
@@ -118,7 +120,7 @@ def main(argv=None) -> dict:
               f"{r['optimised_ms']:8.1f} {r['speedup']:6.2f}x {vs:>15s} {r['max_abs_diff']:8.1e}")
     result = dict(
         rows=rows,
-        options=dict(opt=sorted(flags), device=args.device, amp=args.amp, threads=torch.get_num_threads(),
+        options=dict(device=args.device, amp=args.amp, threads=torch.get_num_threads(),
                      repeats=args.repeats, warmup=args.warmup),
         machine=dict(torch=torch.__version__, python=platform.python_version(), cpu=platform.processor() or platform.machine(),
                      cuda=torch.cuda.get_device_name() if args.device == "cuda" else None),

@@ -23,7 +23,7 @@ StateDict = dict[str, torch.Tensor]
 RES2DET_FORMAT = "res2det"
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Write through a temporary file in the same folder and rename it, so ``path`` is never half-written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -37,7 +37,7 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    _atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))
+    atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))
 
 
 def save_weights(model: nn.Module, path: str | os.PathLike, *, model_name: str) -> None:
@@ -48,7 +48,7 @@ def save_weights(model: nn.Module, path: str | os.PathLike, *, model_name: str) 
         from safetensors.torch import save_file
 
         meta = {"format": RES2DET_FORMAT, "model": model_name}
-        _atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+        atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
     else:
         atomic_torch_save({"format": RES2DET_FORMAT, "model": model_name, "state_dict": state}, path)
 
@@ -65,6 +65,10 @@ def read_weights(path: str | os.PathLike) -> tuple[StateDict, dict]:
     with open(path, "rb") as f:
         head = f.read(16)
     meta: dict = {}
+    if path.suffix == ".pdparams":  # PaddlePaddle: a pickle of NumPy arrays, read by a restricted unpickler
+        from .zoo.pdparams import read_pdparams
+
+        return read_pdparams(path), {"format": "paddle"}
     if path.suffix == ".safetensors" or (len(head) >= 9 and head[8:9] == b"{"):
         from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
@@ -159,8 +163,8 @@ def download(url: str, filename: str | None = None, *, root: str | os.PathLike |
                 "the download is corrupt or not the published file"
             )
 
-    _atomic_write(target, fetch)
+    atomic_write(target, fetch)
     return target
 
 
-__all__ = ["read_weights", "save_weights", "load_state_dict_strict", "atomic_torch_save", "download", "cache_dir"]
+__all__ = ["read_weights", "save_weights", "load_state_dict_strict", "atomic_write", "atomic_torch_save", "download", "cache_dir"]

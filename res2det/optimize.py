@@ -12,6 +12,7 @@ give correct outputs, possibly more slowly.
 """
 from __future__ import annotations
 
+import copy
 import time
 from typing import Callable
 
@@ -47,10 +48,11 @@ class ChannelsLastMaxPool(nn.Module):
 
 
 def _best_time(fn: Callable[[], object], budget_s: float) -> float:
-    """Best-of timing: the minimum is the least noisy estimate of a kernel's cost on a shared machine."""
+    """Best-of timing within about ``budget_s`` (at least one timed call after a warm-up): the minimum is the
+    least noisy estimate of a kernel's cost on a shared machine, and large layers need few repeats."""
     fn()
     best, spent, runs = float("inf"), 0.0, 0
-    while runs < 3 or (spent < budget_s and runs < 20):
+    while runs < 20 and (runs == 0 or spent < budget_s):
         start = time.perf_counter()
         fn()
         elapsed = time.perf_counter() - start
@@ -144,11 +146,38 @@ def select_stage_layouts(model: ResNet, example: torch.Tensor, *, budget_s: floa
     return choices
 
 
-def optimize_for_inference(model: ResNet, example: torch.Tensor, *, select: bool = True) -> ResNet:
-    """An optimised, eval-only equivalent of ``model`` (a ResNet/Res2Net classifier or backbone) for inputs
-    shaped like ``example``. With ``select=False`` only the inference form (BN folding etc.) is applied."""
-    optimised = fuse_backbone(model)
-    optimised.maxpool = ChannelsLastMaxPool(optimised.maxpool)
+def _fuse_head_convs(module: nn.Module) -> None:
+    """Replace the plain convs of a neck or head by ``FusedConv2d`` (same maths, selectable kernel)."""
+    for name, child in list(module.named_children()):
+        if type(child) is nn.Conv2d:
+            setattr(module, name, FusedConv2d(child))
+        else:
+            _fuse_head_convs(child)
+
+
+@torch.inference_mode()
+def optimize_for_inference(model: nn.Module, example: torch.Tensor, *, select: bool = True) -> nn.Module:
+    """An optimised, eval-only equivalent of ``model`` for inputs shaped like ``example``.
+
+    ``model`` is a ResNet/Res2Net (classifier or backbone) or a detector with a ``backbone`` attribute (its
+    other convs, in the neck and heads, get kernel selection too). ``select=False`` applies only the inference
+    form (BN folding etc.)."""
+    if isinstance(model, ResNet):
+        optimised = fuse_backbone(model)
+        optimised.maxpool = ChannelsLastMaxPool(optimised.maxpool)
+        if select:
+            optimised.stage_layouts = select_stage_layouts(optimised, example)
+        return optimised
+    if not isinstance(getattr(model, "backbone", None), ResNet):
+        raise TypeError(f"cannot optimise {type(model).__name__}: expected a ResNet or a detector with one")
+    optimised = copy.deepcopy(model).eval()
+    backbone_input = _record_inputs(model, example, {"backbone": model.backbone})["backbone"]
+    optimised.backbone = optimize_for_inference(model.backbone, backbone_input, select=select)
+    for name, child in optimised.named_children():
+        if name != "backbone":
+            _fuse_head_convs(child)
     if select:
-        optimised.stage_layouts = select_stage_layouts(optimised, example)
+        for name, child in optimised.named_children():
+            if name != "backbone":
+                select_kernels(optimised, example, within=child)
     return optimised

@@ -1,7 +1,10 @@
 """Shared test helpers: the reference fixtures in ../shared (beside the repository, as in CI)."""
 from __future__ import annotations
 
+import functools
+import http.server
 import importlib.util
+import threading
 from pathlib import Path
 
 import pytest
@@ -66,3 +69,17 @@ def photo_detections(seeded_mask_rcnn):
         pytest.skip(f"{PHOTO} not found (../shared must sit beside the repository)")
     (det,) = seeded_mask_rcnn.predict(str(PHOTO))
     return det
+
+
+@pytest.fixture()
+def http_server(tmp_path):
+    """(folder, base URL) of a throwaway HTTP server on 127.0.0.1 serving that folder."""
+    served = tmp_path / "served"
+    served.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield served, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()

@@ -1,11 +1,8 @@
 """Checkpoints: formats, strict loading with listed keys, safe unpickling, atomic writes, verified downloads."""
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
 import pickle
-import threading
 from pathlib import Path
 
 import pytest
@@ -121,19 +118,6 @@ def test_atomic_save_keeps_the_old_file_on_failure(model, tmp_path, monkeypatch)
         save_weights(model, path, model_name=NAME)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["w.pth"]
-
-
-@pytest.fixture()
-def http_server(tmp_path):
-    served = tmp_path / "served"
-    served.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-    handler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield served, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
 
 
 def test_download_verifies_hash_in_file_name(model, tmp_path, http_server, monkeypatch):

@@ -1,12 +1,5 @@
 """Modulated deformable convolution against a scalar-loop reference."""
 import math
-import sys
-from pathlib import Path
-
-try:
-    import res2det.ops  # noqa: F401
-except ImportError:  # running `pytest` without the package installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pytest
 import torch

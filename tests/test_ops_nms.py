@@ -1,11 +1,4 @@
 """box_iou / nms / batched_nms against plain Python references."""
-import sys
-from pathlib import Path
-
-try:
-    import res2det.ops  # noqa: F401
-except ImportError:  # running `pytest` without the package installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pytest
 import torch

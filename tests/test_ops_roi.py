@@ -1,13 +1,6 @@
 """roi_align and multi-level RoI extraction against scalar-loop references."""
 import importlib
 import math
-import sys
-from pathlib import Path
-
-try:
-    import res2det.ops  # noqa: F401
-except ImportError:  # running `pytest` without the package installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pytest
 import torch

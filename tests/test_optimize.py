@@ -77,3 +77,21 @@ def test_dcn_blocks_are_left_unfused_but_still_correct():
     with torch.no_grad():
         for a, b in zip(model(x), fused(x)):
             assert (a - b).abs().max().item() <= 1e-4
+
+
+def test_optimised_detector_gives_the_same_detections():
+    from res2det.models.detectors import build_detector
+    from test_det_units import tiny_config
+
+    torch.manual_seed(0)
+    model = build_detector(tiny_config(with_mask=True)).eval()
+    _with_bn_statistics(model)
+    x = torch.randn(1, 3, 96, 128)
+    opt = optimize_for_inference(model, x)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in opt.modules())
+    with torch.no_grad():
+        (a,), (b,) = model(x), opt(x)
+    assert torch.equal(a["labels"], b["labels"])
+    assert (a["boxes"] - b["boxes"]).abs().max().item() <= 1e-3
+    assert (a["scores"] - b["scores"]).abs().max().item() <= 1e-4
+    assert torch.equal(a["masks"], b["masks"])

@@ -12,6 +12,8 @@ from ..checkpoint import download, load_state_dict_strict, read_weights
 from ..errors import CheckpointError, Res2DetError
 from . import classifiers  # noqa: F401  (registers the ImageNet models)
 from . import detectors  # noqa: F401
+from . import paddle  # noqa: F401
+from . import cascade  # noqa: F401
 from .registry import MODELS, ModelSpec, Preprocess, PublishedWeights, register
 
 

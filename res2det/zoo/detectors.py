@@ -1,6 +1,7 @@
-"""COCO detectors: mmdetection's Res2Net-101 Faster / Mask R-CNN (FPN, 2x schedule)."""
+"""COCO detectors: mmdetection's Res2Net-101 Faster / Mask R-CNN (FPN, 2x schedule) and the Res2Net-50 DCNv2 Mask R-CNN preset."""
 from __future__ import annotations
 
+import dataclasses
 import re
 
 from ..errors import CheckpointError
@@ -32,6 +33,7 @@ _MMDET_RULES = [
     # mmdet's deep stem is stem.0..6 + the BN stem.7; res2det keeps the official conv1.0..6 + bn1.
     (re.compile(r"backbone\.stem\.7\.(.+)"), r"backbone.bn1.\1"),
     (re.compile(r"backbone\.stem\.([0-6])\.(.+)"), r"backbone.conv1.\1.\2"),
+    # every layer key keeps its name, including the DCNv2 offsets (``convs.i.conv_offset.{weight,bias}``)
     (re.compile(r"backbone\.layer[1-4]\..+"), r"\g<0>"),
     # mmdet wraps FPN and mask-head convs in ConvModule (.conv); res2det uses plain Conv2d.
     (re.compile(r"neck\.(lateral_convs|fpn_convs)\.(\d+)\.conv\.(weight|bias)"), r"neck.\1.\2.\3"),
@@ -96,5 +98,27 @@ for _name, _task, _mask, _file, _metrics in _ROWS:
             description=f"{'Mask' if _mask else 'Faster'} R-CNN, Res2Net-101 26w4s + FPN, COCO 2x (mmdetection)",
         )
     )
+
+# mmdet's Res2Net-50 Mask R-CNN with DCNv2 (modulated deformable 3x3 convs in layer2..layer4), as in
+# configs/dcn with a Res2Net backbone; no released checkpoint (a preset to train or to load your own weights).
+_R2_50_DCN = dataclasses.replace(_R2_101, depth=50, dcn_stages=(False, True, True, True))
+
+register(
+    ModelSpec(
+        name="mask_rcnn_r2_50_dcnv2_fpn_2x_coco",
+        task="instance_segmentation",
+        config=DetectorConfig(
+            backbone=_R2_50_DCN,
+            roi_head=RoIHeadConfig(with_mask=True, rcnn_train=_MASK_RCNN_TRAIN),
+            class_names=COCO_CLASSES,
+        ),
+        build=build_detector,
+        key_maps={"mmdet": mmdet_to_res2det},
+        detect_format=_detect,
+        weights=(),
+        preprocess=DETECTION_PREPROCESS,
+        description="Mask R-CNN, Res2Net-50 26w4s + DCNv2 (c3-c5) + FPN, COCO 2x (mmdetection preset, no weights)",
+    )
+)
 
 __all__ = ["COCO_CLASSES", "DETECTION_PREPROCESS", "mmdet_to_res2det"]

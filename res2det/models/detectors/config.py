@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from ..backbones import BackboneConfig
 from ..heads import ProposalConfig, RCNNTestConfig, RCNNTrainConfig, RPNTrainConfig
@@ -54,10 +55,14 @@ class DetectorConfig:
     ``with_mask=True``); deeper settings are replaced as whole dataclasses, e.g.
     ``rcnn_test=RCNNTestConfig(score_thr=0.3)`` or ``test_proposals=ProposalConfig(nms_pre=500)``.
     The R-CNN train defaults are Faster R-CNN's; mmdet's Mask R-CNN also sets ``match_low_quality=True`` in the
-    R-CNN assigner (see the zoo row)."""
+    R-CNN assigner (see the zoo row). ``conventions='paddle'`` runs PaddleDetection's test-time rules."""
 
     backbone: BackboneConfig = MMDET_RES2NET
     neck: FPNConfig = field(default_factory=FPNConfig)
     rpn: RPNConfig = field(default_factory=RPNConfig)
     roi_head: RoIHeadConfig = field(default_factory=RoIHeadConfig)
     class_names: tuple[str, ...] = ()
+    # Test-time conventions of the weights' source: 'mmdet', or 'paddle' for PaddleDetection's anchors, proposal
+    # generation (logit ranking, < 1 px boxes dropped), RoI level rule, box decoding and NMS output (see
+    # res2det.models.heads.paddle). The layers and their shapes are the same.
+    conventions: Literal["mmdet", "paddle"] = "mmdet"

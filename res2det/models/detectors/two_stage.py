@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ..backbones import build_backbone
 from ..heads import (AnchorGenerator, FCNMaskHead, RPNHead, Shared2FCBBoxHead, StandardRoIHead, paste_masks)
+from ..heads.paddle import PaddleAnchorGenerator, PaddleBBoxHead, PaddleRoIHead, PaddleRPNHead
 from ..necks import FPN
 from .config import DetectorConfig
 
@@ -84,7 +85,8 @@ class TwoStageDetector(nn.Module):
         mask_logits = [r.pop("mask_logits", None) for r in results]
         if not paste_masks and self.roi_head.with_mask:
             for r, logits in zip(results, mask_logits):
-                r["mask_probs"] = logits.sigmoid()
+                if "mask_probs" not in r:  # cascade heads return their own (stage-averaged) probabilities
+                    r["mask_probs"] = logits.sigmoid()
         if capture is not None:
             capture["input"] = images
             capture.update({f"backbone.{i}": f for i, f in enumerate(feats)})
@@ -92,7 +94,9 @@ class TwoStageDetector(nn.Module):
             capture.update({f"rpn_head.cls_scores.{i}": c for i, c in enumerate(cls_scores)})
             capture.update({f"rpn_head.bbox_preds.{i}": b for i, b in enumerate(bbox_preds)})
             if len(results) == 1:  # per-image outputs are named for a single image, as in the fixtures
-                capture["rpn_proposals.bboxes"], capture["rpn_proposals.scores"] = proposals[0]
+                capture["rpn_proposals.bboxes"], capture["rpn_proposals.scores"] = proposals[0][:2]
+                if len(proposals[0]) > 2:  # Paddle's proposals are ranked by (and also report) the raw logit
+                    capture["rpn_proposals.logits"] = proposals[0][2]
                 r = results[0]
                 capture.update({"det.bboxes": r["boxes"], "det.scores": r["scores"], "det.labels": r["labels"]})
                 if mask_logits[0] is not None:
@@ -156,12 +160,20 @@ class TwoStageDetector(nn.Module):
             h, w = rgb.shape[:2]
             boxes = r["boxes"].float() / r["boxes"].new_tensor([sx, sy, sx, sy], dtype=torch.float32)
             scores, labels, probs = r["scores"].float(), r["labels"].long(), r.get("mask_probs")
+            # Detections are by decreasing score (Paddle's NMS groups them by class; mmdet's are sorted already)
+            order = torch.argsort(scores, descending=True, stable=True)
+            boxes, scores, labels = boxes[order], scores[order], labels[order]
+            probs = None if probs is None else probs[order]
             if score_thr is not None:
                 keep = torch.nonzero(scores >= score_thr).flatten()
                 boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
                 probs = None if probs is None else probs[keep]
             masks = None
-            if probs is not None:  # as mmdet with rescale=True: pasted from the rescaled, unclipped boxes
+            # mmdet (rescale=True) pastes from the rescaled, unclipped boxes; Paddle clips them first
+            if getattr(self.roi_head, "paste_clipped_boxes", False):
+                boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+                boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+            if probs is not None:
                 masks = paste_masks(probs, boxes, (h, w), self.roi_head.test_cfg.mask_thr_binary).cpu()
             boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
             boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
@@ -210,24 +222,30 @@ def _detection_preprocess(pre: Any) -> Any:
 
 
 def build_detector(cfg: DetectorConfig) -> TwoStageDetector:
+    if cfg.conventions not in ("mmdet", "paddle"):
+        raise ValueError(f"conventions must be 'mmdet' or 'paddle', got {cfg.conventions!r}")
+    # PaddleDetection's weights need its test-time rules: same layers, other anchors/proposals/decoding/NMS
+    anchor_cls, rpn_cls, bbox_cls, roi_cls = (
+        (PaddleAnchorGenerator, PaddleRPNHead, PaddleBBoxHead, PaddleRoIHead) if cfg.conventions == "paddle"
+        else (AnchorGenerator, RPNHead, Shared2FCBBoxHead, StandardRoIHead))
     backbone = build_backbone(cfg.backbone)
     neck = FPN(in_channels=backbone.out_channels, out_channels=cfg.neck.out_channels, num_outs=cfg.neck.num_outs)
     r = cfg.rpn
     if len(r.anchor_strides) != cfg.neck.num_outs:
         raise ValueError(f"{len(r.anchor_strides)} anchor strides for {cfg.neck.num_outs} FPN levels")
-    anchors = AnchorGenerator(strides=r.anchor_strides, ratios=r.anchor_ratios, scales=r.anchor_scales)
-    rpn_head = RPNHead(in_channels=cfg.neck.out_channels, feat_channels=r.feat_channels, anchor_generator=anchors,
+    anchors = anchor_cls(strides=r.anchor_strides, ratios=r.anchor_ratios, scales=r.anchor_scales)
+    rpn_head = rpn_cls(in_channels=cfg.neck.out_channels, feat_channels=r.feat_channels, anchor_generator=anchors,
                        target_stds=r.target_stds, test_cfg=r.test_proposals, train_cfg=r.rpn_train)
     h = cfg.roi_head
-    bbox_head = Shared2FCBBoxHead(in_channels=cfg.neck.out_channels, roi_size=h.roi_size, fc_channels=h.fc_channels,
-                                  num_shared_fcs=h.num_shared_fcs, num_classes=h.num_classes, target_stds=h.bbox_stds)
+    bbox_head = bbox_cls(in_channels=cfg.neck.out_channels, roi_size=h.roi_size, fc_channels=h.fc_channels,
+                         num_shared_fcs=h.num_shared_fcs, num_classes=h.num_classes, target_stds=h.bbox_stds)
     mask_head = None
     if h.with_mask:
         mask_head = FCNMaskHead(in_channels=cfg.neck.out_channels, conv_channels=h.mask_channels,
                                 num_convs=h.mask_num_convs, num_classes=h.num_classes)
-    roi_head = StandardRoIHead(bbox_head=bbox_head, mask_head=mask_head, featmap_strides=h.featmap_strides,
-                               roi_size=h.roi_size, mask_roi_size=h.mask_roi_size, finest_scale=h.finest_scale,
-                               test_cfg=h.rcnn_test, train_cfg=h.rcnn_train)
+    roi_head = roi_cls(bbox_head=bbox_head, mask_head=mask_head, featmap_strides=h.featmap_strides,
+                       roi_size=h.roi_size, mask_roi_size=h.mask_roi_size, finest_scale=h.finest_scale,
+                       test_cfg=h.rcnn_test, train_cfg=h.rcnn_train)
     if cfg.class_names and len(cfg.class_names) != h.num_classes:
         raise ValueError(f"{len(cfg.class_names)} class names for {h.num_classes} classes")
     return TwoStageDetector(backbone=backbone, neck=neck, rpn_head=rpn_head, roi_head=roi_head,

@@ -18,16 +18,22 @@ EPS = torch.finfo(torch.float32).eps
 class Shared2FCBBoxHead(nn.Module):
     """RoI features ``[N, C, 7, 7]`` -> flatten -> ``num_shared_fcs`` x (Linear + ReLU) -> ``fc_cls``
     (``num_classes + 1`` logits, background is the LAST column) and ``fc_reg`` (4 deltas per class, no
-    background box), decoded with ``target_stds``."""
+    background box), decoded with ``target_stds``.
+
+    ``reg_class_agnostic`` (Cascade R-CNN / HTC stages): one box ``[N, 4]`` shared by all classes.
+    ``smooth_l1_beta`` > 0 trains the deltas with smooth L1 of that beta (Cascade R-CNN: 1.0) instead of L1."""
 
     def __init__(self, *, in_channels: int = 256, roi_size: int = 7, fc_channels: int = 1024, num_shared_fcs: int = 2,
-                 num_classes: int = 80, target_stds: Sequence[float] = (0.1, 0.1, 0.2, 0.2)):
+                 num_classes: int = 80, target_stds: Sequence[float] = (0.1, 0.1, 0.2, 0.2),
+                 reg_class_agnostic: bool = False, smooth_l1_beta: float = 0.0):
         super().__init__()
         self.num_classes = num_classes
+        self.reg_class_agnostic = bool(reg_class_agnostic)
+        self.smooth_l1_beta = float(smooth_l1_beta)
         dims = [in_channels * roi_size * roi_size] + [fc_channels] * num_shared_fcs
         self.shared_fcs = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims[:-1], dims[1:]))
         self.fc_cls = nn.Linear(dims[-1], num_classes + 1)
-        self.fc_reg = nn.Linear(dims[-1], 4 * num_classes)
+        self.fc_reg = nn.Linear(dims[-1], 4 if self.reg_class_agnostic else 4 * num_classes)
         self.bbox_coder = DeltaXYWHBBoxCoder(stds=target_stds)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -57,8 +63,20 @@ class Shared2FCBBoxHead(nn.Module):
         loss_cls = F.cross_entropy(cls_score, labels, reduction="sum") / (n + EPS)
         pos = torch.nonzero(labels < self.num_classes).flatten()
         if pos.numel():
-            pred = bbox_pred.view(bbox_pred.shape[0], -1, 4)[pos, labels[pos]]
-            loss_bbox = (pred - targets).abs().sum() / (labels.numel() + EPS)
+            if self.reg_class_agnostic:
+                pred = bbox_pred.view(bbox_pred.shape[0], 4)[pos]
+            else:
+                pred = bbox_pred.view(bbox_pred.shape[0], -1, 4)[pos, labels[pos]]
+            loss_bbox = l1_loss(pred - targets, self.smooth_l1_beta).sum() / (labels.numel() + EPS)
         else:
             loss_bbox = bbox_pred.sum() * 0
         return {"loss_cls": loss_cls, "loss_bbox": loss_bbox}
+
+
+def l1_loss(diff: Tensor, beta: float = 0.0) -> Tensor:
+    """Element-wise L1 (``beta <= 0``) or mmdet's smooth L1: ``0.5 d^2 / beta`` below ``beta``, else
+    ``|d| - beta / 2``."""
+    d = diff.abs()
+    if beta <= 0:
+        return d
+    return torch.where(d < beta, 0.5 * d * d / beta, d - 0.5 * beta)

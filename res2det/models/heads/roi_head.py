@@ -40,6 +40,10 @@ class StandardRoIHead(nn.Module):
     detections at test time and of the positive proposals in training. Rois are pooled from P2..P5 by size
     (mmdet's level rule, ``finest_scale=56``)."""
 
+    # ``TwoStageDetector.predict`` pastes masks from the rescaled boxes before clipping them (mmdet); Paddle's
+    # heads clip first.
+    paste_clipped_boxes = False
+
     def __init__(self, *, bbox_head: Shared2FCBBoxHead, mask_head: FCNMaskHead | None = None,
                  featmap_strides: Sequence[int] = (4, 8, 16, 32), roi_size: int = 7, mask_roi_size: int = 14,
                  finest_scale: int = 56, test_cfg: RCNNTestConfig | None = None,

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .anchors import AnchorGenerator
+from .bbox_head import l1_loss
 from .box_coder import DeltaXYWHBBoxCoder
 from .post_processing import batched_nms
 from .targets import MaxIoUAssigner, RandomSampler
@@ -35,6 +36,7 @@ class RPNTrainConfig:
         num=256, pos_fraction=0.5, add_gt_as_proposals=False))
     proposals: ProposalConfig = field(default_factory=lambda: ProposalConfig(nms_pre=2000, max_per_img=1000))
     size_divisor: int = 32  # images are padded to a multiple of this; anchors beyond it are ignored
+    smooth_l1_beta: float = 0.0  # 0: L1 box loss (Faster/Mask R-CNN); Cascade R-CNN / HTC: smooth L1, beta 1/9
 
 
 class RPNHead(nn.Module):
@@ -125,6 +127,6 @@ class RPNHead(nn.Module):
             if pos.numel():
                 pos_anchors = anchors[valid[pos]]
                 targets = self.bbox_coder.encode(pos_anchors, gt[assign.gt_inds[pos] - 1])
-                loss_bbox = loss_bbox + (deltas[b, valid[pos]] - targets).abs().sum()
+                loss_bbox = loss_bbox + l1_loss(deltas[b, valid[pos]] - targets, cfg.smooth_l1_beta).sum()
             num_sampled += sampled.numel()
         return {"loss_rpn_cls": loss_cls / (num_sampled + EPS), "loss_rpn_bbox": loss_bbox / (num_sampled + EPS)}

@@ -92,6 +92,7 @@ class SamplingResult:
     pos_gt_inds: Tensor  # 0-based
     pos_gt_labels: Tensor
     pos_gt_boxes: Tensor
+    pos_is_gt: Tensor | None = None  # [P] bool: the positive is a gt box added as a proposal
 
     @property
     def boxes(self) -> Tensor:
@@ -107,10 +108,12 @@ def assign_and_sample(boxes: Tensor, gt_boxes: Tensor, gt_labels: Tensor, assign
     """mmdet's assign-then-sample for one image (with ``add_gt_as_proposals`` the gts become proposals too)."""
     boxes = boxes[:, :4].detach()
     assign = assigner.assign(boxes, gt_boxes, gt_labels)
+    num_added = 0
     if sampler.add_gt_as_proposals and gt_boxes.shape[0] > 0:
         boxes = torch.cat([gt_boxes.to(boxes.dtype), boxes])
         assign.add_gt(gt_labels)
+        num_added = gt_boxes.shape[0]
     pos, neg = sampler.sample(assign)
     gt_inds = assign.gt_inds[pos] - 1
     pos_gt_boxes = gt_boxes[gt_inds] if gt_boxes.shape[0] else gt_boxes.new_zeros(0, 4)
-    return SamplingResult(boxes[pos], boxes[neg], gt_inds, assign.labels[pos], pos_gt_boxes)
+    return SamplingResult(boxes[pos], boxes[neg], gt_inds, assign.labels[pos], pos_gt_boxes, pos < num_added)

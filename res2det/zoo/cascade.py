@@ -1,0 +1,74 @@
+"""COCO cascade detectors: mmdetection's Res2Net-101 Cascade R-CNN, Cascade Mask R-CNN and HTC (FPN, 20e)."""
+from __future__ import annotations
+
+import re
+
+from ..errors import CheckpointError
+from ..models.detectors.cascade import (HTC_TRAIN, CascadeDetectorConfig, CascadeRoIHeadConfig,
+                                        build_cascade_detector)
+from ..models.heads import RCNNTestConfig
+from .detectors import _MMDET_RULES, _R2_101, COCO_CLASSES, DETECTION_PREPROCESS, MMDET_URL
+from .registry import ModelSpec, PublishedWeights, StateDict, register
+
+# Cascade / HTC heads on top of the Faster/Mask R-CNN rules (the backbone, FPN and RPN rules are shared).
+_CASCADE_RULES = [r for r in _MMDET_RULES if not r[0].pattern.startswith(r"roi_head\.")] + [
+    (re.compile(r"roi_head\.bbox_head\.(\d+)\.(shared_fcs\.\d+|fc_cls|fc_reg)\.(weight|bias)"), r"\g<0>"),
+    # mmdet wraps mask-head, conv_res and semantic-head convs in ConvModule (.conv); res2det uses plain Conv2d.
+    (re.compile(r"roi_head\.mask_head\.(\d+)\.(convs\.\d+|conv_res)\.conv\.(weight|bias)"),
+     r"roi_head.mask_head.\1.\2.\3"),
+    (re.compile(r"roi_head\.mask_head\.(\d+)\.(upsample|conv_logits)\.(weight|bias)"), r"\g<0>"),
+    (re.compile(r"roi_head\.semantic_head\.(lateral_convs\.\d+|convs\.\d+|conv_embedding)\.conv\.(weight|bias)"),
+     r"roi_head.semantic_head.\1.\2"),
+    (re.compile(r"roi_head\.semantic_head\.conv_logits\.(weight|bias)"), r"\g<0>"),
+]
+
+
+def mmdet_cascade_to_res2det(state: StateDict) -> StateDict:
+    """Rename an mmdetection Cascade / HTC checkpoint into res2det keys (strict: unknown keys raise)."""
+    out, unknown = {}, []
+    for key, value in state.items():
+        for pattern, repl in _CASCADE_RULES:
+            m = pattern.fullmatch(key)
+            if m:
+                out[m.expand(repl)] = value
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        shown = ", ".join(unknown[:12]) + (f", ... ({len(unknown) - 12} more)" if len(unknown) > 12 else "")
+        raise CheckpointError(f"mmdet checkpoint has {len(unknown)} key(s) with no res2det counterpart: {shown}")
+    return out
+
+
+def _detect(state: StateDict) -> str | None:
+    return "mmdet" if "backbone.stem.0.weight" in state else None
+
+
+_ROWS = [
+    ("cascade_rcnn_r2_101_fpn_20e_coco", "detection", CascadeRoIHeadConfig(),
+     "cascade_rcnn_r2_101_fpn_20e_coco-f4b7b7db.pth", {"box_ap": 45.7}, "Cascade R-CNN"),
+    ("cascade_mask_rcnn_r2_101_fpn_20e_coco", "instance_segmentation", CascadeRoIHeadConfig(with_mask=True),
+     "cascade_mask_rcnn_r2_101_fpn_20e_coco-8a7b41e1.pth", {"box_ap": 46.4, "mask_ap": 40.0}, "Cascade Mask R-CNN"),
+    # htc_r50_fpn_1x_coco: interleaved, mask information flow, the semantic branch; test score_thr 0.001
+    ("htc_r2_101_fpn_20e_coco", "instance_segmentation",
+     CascadeRoIHeadConfig(with_mask=True, htc=True, with_semantic=True, stage_train=HTC_TRAIN,
+                          rcnn_test=RCNNTestConfig(score_thr=0.001)),
+     "htc_r2_101_fpn_20e_coco-3a8d2112.pth", {"box_ap": 47.5, "mask_ap": 41.6}, "Hybrid Task Cascade"),
+]
+
+for _name, _task, _head, _file, _metrics, _what in _ROWS:
+    register(
+        ModelSpec(
+            name=_name,
+            task=_task,
+            config=CascadeDetectorConfig(backbone=_R2_101, roi_head=_head, class_names=COCO_CLASSES),
+            build=build_cascade_detector,
+            key_maps={"mmdet": mmdet_cascade_to_res2det},
+            detect_format=_detect,
+            weights=(PublishedWeights("mmdet", f"{MMDET_URL}{_name}/{_file}", dict(_metrics)),),
+            preprocess=DETECTION_PREPROCESS,
+            description=f"{_what}, Res2Net-101 26w4s + FPN, COCO 20e (mmdetection)",
+        )
+    )
+
+__all__ = ["mmdet_cascade_to_res2det"]

@@ -1,0 +1,38 @@
+"""mmdetection's Res2Net-50 Mask R-CNN with DCNv2 in layer2..layer4: key map and parity with the mmdet fixture."""
+from __future__ import annotations
+
+import io
+
+import pytest
+
+import res2det
+from res2det.zoo.detectors import mmdet_to_res2det
+
+from conftest import REFERENCE
+from test_det_parity import fixture_input
+
+NAME = "mask_rcnn_r2_50_dcnv2_fpn_2x_coco"
+
+
+def test_dcn_preset_keys_match_mmdet_layout(seeded_weights):
+    layout = seeded_weights.load_layout(REFERENCE / "layouts" / f"{NAME}.json")
+    model = res2det.create_model(NAME)
+    mapped = mmdet_to_res2det({k: None for k in layout})
+    own = {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}
+    assert {k for k in mapped if not k.endswith("num_batches_tracked")} == own
+    assert any(k.endswith("convs.0.conv_offset.weight") for k in own)
+    assert not any(k.startswith("backbone.layer1.") and "conv_offset" in k for k in own)
+    assert res2det.zoo.get_spec(NAME).weights == ()
+
+
+@pytest.mark.slow
+def test_dcn_preset_parity(seeded_checkpoint, check_parity):
+    fixture = REFERENCE / "parity" / f"{NAME}.pt"
+    if not fixture.is_file():
+        pytest.skip(f"{fixture} not found (../shared must sit beside the repository)")
+    model = res2det.create_model(NAME, weights=str(seeded_checkpoint(NAME)))
+    results, outputs = model.forward_with_intermediates(fixture_input(), [(1199, 800)])
+    report = io.StringIO()
+    ok = check_parity.compare(outputs, fixture, strict=True, file=report)
+    assert ok, report.getvalue()
+    assert len(results[0]["boxes"]) == 100 and "masks" in results[0]
