@@ -2,6 +2,8 @@
 
     python benchmarks/detector.py [--models NAME ...] [--repeats 3] [--threads 2] [--json OUT]
 
+Default: every detector in the zoo (mmdetection and PaddleDetection rows).
+
 Input: the reference photo at 1199x800 (padded to 1216x800), with the seed-0 reference weights from
 ../shared/reference when present (random weights otherwise), so the detections, and with them the RoI-head
 work, are those of the parity fixtures. GMACs are conv + linear multiply-adds of one whole forward pass (RPN,
@@ -32,7 +34,6 @@ from res2det.data.image import normalize  # noqa: E402
 from res2det.optimize import optimize_for_inference  # noqa: E402
 from res2det.utils.complexity import count_macs, count_params  # noqa: E402
 
-MODELS = ["faster_rcnn_r2_101_fpn_2x_coco", "mask_rcnn_r2_101_fpn_2x_coco"]
 
 
 def reference_input(model) -> torch.Tensor:
@@ -56,7 +57,8 @@ def compare(a: dict, b: dict) -> dict:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=MODELS)
+    ap.add_argument("--models", nargs="+",
+                    default=res2det.list_models("detection") + res2det.list_models("instance_segmentation"))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", type=Path)
