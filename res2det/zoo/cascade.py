@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import re
 
-from ..errors import CheckpointError
 from ..models.detectors.cascade import (HTC_TRAIN, CascadeDetectorConfig, CascadeRoIHeadConfig,
                                         build_cascade_detector)
 from ..models.heads import RCNNTestConfig
-from .detectors import _MMDET_RULES, _R2_101, COCO_CLASSES, DETECTION_PREPROCESS, MMDET_URL
-from .registry import ModelSpec, PublishedWeights, StateDict, register
+from .detectors import _MMDET_RULES, _R2_101, _detect, COCO_CLASSES, DETECTION_PREPROCESS, MMDET_URL
+from .registry import ModelSpec, PublishedWeights, StateDict, register, rename_by_rules
 
 # Cascade / HTC heads on top of the Faster/Mask R-CNN rules (the backbone, FPN and RPN rules are shared).
 _CASCADE_RULES = [r for r in _MMDET_RULES if not r[0].pattern.startswith(r"roi_head\.")] + [
@@ -25,23 +24,7 @@ _CASCADE_RULES = [r for r in _MMDET_RULES if not r[0].pattern.startswith(r"roi_h
 
 def mmdet_cascade_to_res2det(state: StateDict) -> StateDict:
     """Rename an mmdetection Cascade / HTC checkpoint into res2det keys (strict: unknown keys raise)."""
-    out, unknown = {}, []
-    for key, value in state.items():
-        for pattern, repl in _CASCADE_RULES:
-            m = pattern.fullmatch(key)
-            if m:
-                out[m.expand(repl)] = value
-                break
-        else:
-            unknown.append(key)
-    if unknown:
-        shown = ", ".join(unknown[:12]) + (f", ... ({len(unknown) - 12} more)" if len(unknown) > 12 else "")
-        raise CheckpointError(f"mmdet checkpoint has {len(unknown)} key(s) with no res2det counterpart: {shown}")
-    return out
-
-
-def _detect(state: StateDict) -> str | None:
-    return "mmdet" if "backbone.stem.0.weight" in state else None
+    return rename_by_rules(state, _CASCADE_RULES, "mmdet")
 
 
 _ROWS = [

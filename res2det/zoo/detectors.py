@@ -4,11 +4,10 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from ..errors import CheckpointError
 from ..models.backbones import BackboneConfig
 from ..models.detectors import DetectorConfig, RoIHeadConfig, build_detector
 from ..models.heads import MaxIoUAssigner, RCNNTrainConfig
-from .registry import ModelSpec, Preprocess, PublishedWeights, StateDict, register
+from .registry import ModelSpec, Preprocess, PublishedWeights, StateDict, register, rename_by_rules
 
 MMDET_URL = "https://download.openmmlab.com/mmdetection/v2.0/res2net/"
 
@@ -46,19 +45,7 @@ _MMDET_RULES = [
 
 def mmdet_to_res2det(state: StateDict) -> StateDict:
     """Rename an mmdetection two-stage checkpoint into res2det keys (strict: unknown keys raise)."""
-    out, unknown = {}, []
-    for key, value in state.items():
-        for pattern, repl in _MMDET_RULES:
-            m = pattern.fullmatch(key)
-            if m:
-                out[m.expand(repl)] = value
-                break
-        else:
-            unknown.append(key)
-    if unknown:
-        shown = ", ".join(unknown[:12]) + (f", ... ({len(unknown) - 12} more)" if len(unknown) > 12 else "")
-        raise CheckpointError(f"mmdet checkpoint has {len(unknown)} key(s) with no res2det counterpart: {shown}")
-    return out
+    return rename_by_rules(state, _MMDET_RULES, "mmdet")
 
 
 def _detect(state: StateDict) -> str | None:

@@ -2,6 +2,7 @@
 published weights it can load and how their keys map onto res2det's."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -52,6 +53,26 @@ class ModelSpec:
     weights: tuple[PublishedWeights, ...] = ()
     preprocess: Preprocess = Preprocess()
     description: str = ""
+
+
+def rename_by_rules(state: StateDict, rules: list[tuple[re.Pattern, str]], source: str) -> StateDict:
+    """Rename every key by the first (pattern, replacement) rule that matches it in full. Strict: a key that no
+    rule matches is an error listing the keys, never silently dropped."""
+    out, unknown = {}, []
+    for key, value in state.items():
+        for pattern, repl in rules:
+            m = pattern.fullmatch(key)
+            if m:
+                out[m.expand(repl)] = value
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        from ..errors import CheckpointError
+
+        shown = ", ".join(unknown[:12]) + (f", ... ({len(unknown) - 12} more)" if len(unknown) > 12 else "")
+        raise CheckpointError(f"{source} checkpoint has {len(unknown)} key(s) with no res2det counterpart: {shown}")
+    return out
 
 
 MODELS: dict[str, ModelSpec] = {}
