@@ -51,6 +51,12 @@ def time_interleaved(fns: dict, x: torch.Tensor, *, warmup: int, repeats: int, d
     return {k: statistics.median(v) * 1000 for k, v in times.items()}
 
 
+def write_json(path: Path | None, result: dict) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2))
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=MODELS)
@@ -125,9 +131,7 @@ def main(argv=None) -> dict:
         machine=dict(torch=torch.__version__, python=platform.python_version(), cpu=platform.processor() or platform.machine(),
                      cuda=torch.cuda.get_device_name() if args.device == "cuda" else None),
     )
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return result
 
 

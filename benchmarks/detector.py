@@ -14,7 +14,6 @@ its detections are compared with eager's (max box / score difference, label and 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -28,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import res2det  # noqa: E402
-from backbone import time_interleaved  # noqa: E402
+from backbone import time_interleaved, write_json  # noqa: E402
 from res2det.cli.main import SHARED, seeded_reference_weights  # noqa: E402
 from res2det.data.image import normalize  # noqa: E402
 from res2det.optimize import optimize_for_inference  # noqa: E402
@@ -93,9 +92,7 @@ def main(argv=None) -> dict:
               f"{r['speedup']:6.2f}x  {same}")
     result = dict(rows=rows, threads=torch.get_num_threads(), torch=torch.__version__,
                   cpu=platform.processor() or platform.machine(), repeats=args.repeats)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return result
 
 

@@ -36,16 +36,20 @@ def check_parity():
 
 @pytest.fixture(scope="session")
 def seeded_checkpoint(seeded_weights, tmp_path_factory):
-    """seeded_checkpoint(layout_name) -> path of a .pth with the seed-0 weights in that layout's own names."""
-    cache: dict[str, Path] = {}
+    """seeded_checkpoint(layout_name, suffix=".pth") -> path of a file with the seed-0 weights in that layout's
+    own names: a torch .pth, or with ``suffix=".pdparams"`` what ``paddle.save`` writes."""
+    cache: dict[tuple[str, str], Path] = {}
 
-    def make(layout: str) -> Path:
-        if layout not in cache:
+    def make(layout: str, suffix: str = ".pth") -> Path:
+        if (layout, suffix) not in cache:
             sd = seeded_weights.seeded_state_dict(seeded_weights.load_layout(REFERENCE / "layouts" / f"{layout}.json"), 0)
-            path = tmp_path_factory.mktemp("weights") / f"{layout}.pth"
-            torch.save(sd, path)
-            cache[layout] = path
-        return cache[layout]
+            path = tmp_path_factory.mktemp("weights") / f"{layout}{suffix}"
+            if suffix == ".pdparams":
+                seeded_weights.save_pdparams(sd, path)
+            else:
+                torch.save(sd, path)
+            cache[(layout, suffix)] = path
+        return cache[(layout, suffix)]
 
     return make
 

@@ -1,7 +1,6 @@
 """mmdetection's Res2Net-50 Mask R-CNN with DCNv2 in layer2..layer4: key map and parity with the mmdet fixture."""
 from __future__ import annotations
 
-import io
 
 import pytest
 
@@ -9,7 +8,7 @@ import res2det
 from res2det.zoo.detectors import mmdet_to_res2det
 
 from conftest import REFERENCE
-from test_det_parity import fixture_input
+from test_det_parity import run_parity
 
 NAME = "mask_rcnn_r2_50_dcnv2_fpn_2x_coco"
 
@@ -27,12 +26,4 @@ def test_dcn_preset_keys_match_mmdet_layout(seeded_weights):
 
 @pytest.mark.slow
 def test_dcn_preset_parity(seeded_checkpoint, check_parity):
-    fixture = REFERENCE / "parity" / f"{NAME}.pt"
-    if not fixture.is_file():
-        pytest.skip(f"{fixture} not found (../shared must sit beside the repository)")
-    model = res2det.create_model(NAME, weights=str(seeded_checkpoint(NAME)))
-    results, outputs = model.forward_with_intermediates(fixture_input(), [(1199, 800)])
-    report = io.StringIO()
-    ok = check_parity.compare(outputs, fixture, strict=True, file=report)
-    assert ok, report.getvalue()
-    assert len(results[0]["boxes"]) == 100 and "masks" in results[0]
+    assert "masks" in run_parity(NAME, seeded_checkpoint(NAME), check_parity)

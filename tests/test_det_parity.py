@@ -29,17 +29,24 @@ def fixture_input() -> torch.Tensor:
     return F.pad((x - MEAN) / STD, (0, 0, 0, 1216 - 1199))[None]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["faster_rcnn_r2_101_fpn_2x_coco", "mask_rcnn_r2_101_fpn_2x_coco"])
-def test_mmdet_parity(name, seeded_checkpoint, check_parity):
+def run_parity(name: str, weights, check_parity) -> dict:
+    """Load ``weights`` into ``name``, run it on the fixture input and assert that every tensor the fixture
+    stores matches (strict: a missing one fails) and that it finds 100 detections; returns the detections."""
     fixture = REFERENCE / "parity" / f"{name}.pt"
     if not fixture.is_file():
         pytest.skip(f"{fixture} not found (../shared must sit beside the repository)")
-    model = res2det.create_model(name, weights=str(seeded_checkpoint(name)))
+    model = res2det.create_model(name, weights=str(weights))
     assert not model.training
     results, outputs = model.forward_with_intermediates(fixture_input(), [(1199, 800)])
     report = io.StringIO()
     ok = check_parity.compare(outputs, fixture, strict=True, file=report)
     assert ok, report.getvalue()
     assert len(results[0]["boxes"]) == 100
-    assert ("masks" in results[0]) == name.startswith("mask")
+    return results[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["faster_rcnn_r2_101_fpn_2x_coco", "mask_rcnn_r2_101_fpn_2x_coco"])
+def test_mmdet_parity(name, seeded_checkpoint, check_parity):
+    result = run_parity(name, seeded_checkpoint(name), check_parity)
+    assert ("masks" in result) == name.startswith("mask")

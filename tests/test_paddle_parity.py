@@ -8,14 +8,12 @@ model's own ``Preprocess`` (mean/std = 255 x ImageNet's), which differs from Pad
 """
 from __future__ import annotations
 
-import io
 
 import pytest
 
 import res2det
 
-from conftest import REFERENCE
-from test_det_parity import fixture_input
+from test_det_parity import run_parity
 
 ROWS = [
     "faster_rcnn_res2net50_vb_26w_4s_fpn_1x_coco",
@@ -25,43 +23,19 @@ ROWS = [
 ]
 
 
-@pytest.fixture(scope="session")
-def seeded_pdparams(seeded_weights, tmp_path_factory):
-    """seeded_pdparams(layout_name) -> path of a .pdparams with the seed-0 weights in Paddle's names."""
-    cache = {}
-
-    def make(layout: str):
-        if layout not in cache:
-            sd = seeded_weights.seeded_state_dict(seeded_weights.load_layout(REFERENCE / "layouts" / f"{layout}.json"), 0)
-            path = tmp_path_factory.mktemp("pdparams") / f"{layout}.pdparams"
-            seeded_weights.save_pdparams(sd, path)
-            cache[layout] = path
-        return cache[layout]
-
-    return make
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ROWS)
-def test_paddle_parity(name, seeded_pdparams, check_parity):
-    fixture = REFERENCE / "parity" / f"{name}.pt"
-    if not fixture.is_file():
-        pytest.skip(f"{fixture} not found (../shared must sit beside the repository)")
-    model = res2det.create_model(name, weights=str(seeded_pdparams(name)))
-    assert not model.training
-    results, outputs = model.forward_with_intermediates(fixture_input(), [(1199, 800)])
-    report = io.StringIO()
-    ok = check_parity.compare(outputs, fixture, strict=True, file=report)
-    assert ok, report.getvalue()
-    assert len(results[0]["boxes"]) == 100
-    assert ("masks" in results[0]) == name.startswith("mask")
+def test_paddle_parity(name, seeded_checkpoint, check_parity):
+    # a real .pdparams file, so the safe reader and the Paddle key map are exercised too
+    result = run_parity(name, seeded_checkpoint(name, suffix=".pdparams"), check_parity)
+    assert ("masks" in result) == name.startswith("mask")
     # Paddle's output order: grouped by class (ascending)
-    labels = results[0]["labels"]
+    labels = result["labels"]
     assert bool((labels[1:] >= labels[:-1]).all())
 
 
 @pytest.mark.slow
-def test_paddle_predict_pastes_at_original_size(seeded_pdparams):
+def test_paddle_predict_pastes_at_original_size(seeded_checkpoint):
     from PIL import Image
 
     from conftest import PHOTO
@@ -69,7 +43,7 @@ def test_paddle_predict_pastes_at_original_size(seeded_pdparams):
     if not PHOTO.is_file():
         pytest.skip(f"{PHOTO} not found")
     name = "mask_rcnn_res2net50_vb_26w_4s_fpn_2x_coco"
-    model = res2det.create_model(name, weights=str(seeded_pdparams(name)))
+    model = res2det.create_model(name, weights=str(seeded_checkpoint(name, suffix=".pdparams")))
     img = Image.open(PHOTO).convert("RGB")
     (det,) = model.predict([img])
     w, h = img.size

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 from typing import Any
 
 from torch import nn

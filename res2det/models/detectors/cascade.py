@@ -8,15 +8,14 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from ..backbones import BackboneConfig, build_backbone
-from ..heads import AnchorGenerator, FCNMaskHead, RPNHead, Shared2FCBBoxHead
+from ..backbones import BackboneConfig
+from ..heads import FCNMaskHead, Shared2FCBBoxHead
 from ..heads.cascade_roi_head import CascadeRoIHead
 from ..heads.roi_head import RCNNTestConfig, RCNNTrainConfig
 from ..heads.rpn_head import ProposalConfig, RPNTrainConfig
 from ..heads.targets import MaxIoUAssigner, RandomSampler
-from ..necks import FPN
 from .config import MMDET_RES2NET, FPNConfig, RPNConfig
-from .two_stage import ImageSizes, TwoStageDetector
+from .two_stage import ImageSizes, TwoStageDetector, build_backbone_neck_rpn
 
 
 def _stage_train(iou: float, low_quality: bool) -> RCNNTrainConfig:
@@ -112,14 +111,7 @@ class CascadeDetector(TwoStageDetector):
 
 
 def build_cascade_detector(cfg: CascadeDetectorConfig) -> CascadeDetector:
-    backbone = build_backbone(cfg.backbone)
-    neck = FPN(in_channels=backbone.out_channels, out_channels=cfg.neck.out_channels, num_outs=cfg.neck.num_outs)
-    r = cfg.rpn
-    if len(r.anchor_strides) != cfg.neck.num_outs:
-        raise ValueError(f"{len(r.anchor_strides)} anchor strides for {cfg.neck.num_outs} FPN levels")
-    anchors = AnchorGenerator(strides=r.anchor_strides, ratios=r.anchor_ratios, scales=r.anchor_scales)
-    rpn_head = RPNHead(in_channels=cfg.neck.out_channels, feat_channels=r.feat_channels, anchor_generator=anchors,
-                       target_stds=r.target_stds, test_cfg=r.test_proposals, train_cfg=r.rpn_train)
+    backbone, neck, rpn_head = build_backbone_neck_rpn(cfg)
     h = cfg.roi_head
     n = len(h.stage_bbox_stds)
     if len(h.stage_train) != n or len(h.stage_loss_weights) != n:

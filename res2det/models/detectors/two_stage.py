@@ -221,13 +221,8 @@ def _detection_preprocess(pre: Any) -> Any:
     return pre if pre is not None else Preprocess(input_size=(800, 1333), crop_pct=None)
 
 
-def build_detector(cfg: DetectorConfig) -> TwoStageDetector:
-    if cfg.conventions not in ("mmdet", "paddle"):
-        raise ValueError(f"conventions must be 'mmdet' or 'paddle', got {cfg.conventions!r}")
-    # PaddleDetection's weights need its test-time rules: same layers, other anchors/proposals/decoding/NMS
-    anchor_cls, rpn_cls, bbox_cls, roi_cls = (
-        (PaddleAnchorGenerator, PaddleRPNHead, PaddleBBoxHead, PaddleRoIHead) if cfg.conventions == "paddle"
-        else (AnchorGenerator, RPNHead, Shared2FCBBoxHead, StandardRoIHead))
+def build_backbone_neck_rpn(cfg, *, anchor_cls=AnchorGenerator, rpn_cls=RPNHead) -> tuple[nn.Module, FPN, nn.Module]:
+    """The parts every two-stage and cascade detector shares, from ``cfg.backbone``, ``cfg.neck`` and ``cfg.rpn``."""
     backbone = build_backbone(cfg.backbone)
     neck = FPN(in_channels=backbone.out_channels, out_channels=cfg.neck.out_channels, num_outs=cfg.neck.num_outs)
     r = cfg.rpn
@@ -236,6 +231,17 @@ def build_detector(cfg: DetectorConfig) -> TwoStageDetector:
     anchors = anchor_cls(strides=r.anchor_strides, ratios=r.anchor_ratios, scales=r.anchor_scales)
     rpn_head = rpn_cls(in_channels=cfg.neck.out_channels, feat_channels=r.feat_channels, anchor_generator=anchors,
                        target_stds=r.target_stds, test_cfg=r.test_proposals, train_cfg=r.rpn_train)
+    return backbone, neck, rpn_head
+
+
+def build_detector(cfg: DetectorConfig) -> TwoStageDetector:
+    if cfg.conventions not in ("mmdet", "paddle"):
+        raise ValueError(f"conventions must be 'mmdet' or 'paddle', got {cfg.conventions!r}")
+    # PaddleDetection's weights need its test-time rules: same layers, other anchors/proposals/decoding/NMS
+    anchor_cls, rpn_cls, bbox_cls, roi_cls = (
+        (PaddleAnchorGenerator, PaddleRPNHead, PaddleBBoxHead, PaddleRoIHead) if cfg.conventions == "paddle"
+        else (AnchorGenerator, RPNHead, Shared2FCBBoxHead, StandardRoIHead))
+    backbone, neck, rpn_head = build_backbone_neck_rpn(cfg, anchor_cls=anchor_cls, rpn_cls=rpn_cls)
     h = cfg.roi_head
     bbox_head = bbox_cls(in_channels=cfg.neck.out_channels, roi_size=h.roi_size, fc_channels=h.fc_channels,
                          num_shared_fcs=h.num_shared_fcs, num_classes=h.num_classes, target_stds=h.bbox_stds)
