@@ -1,12 +1,16 @@
 """Backbone benchmark: params, MACs and latency of Res2Net-50/101 vs ResNet-50/101, eager vs optimised.
 
-    python benchmarks/backbone.py [--json OUT] [--repeats 15] [--threads 2] [--device cpu|cuda] [--amp]
+    python benchmarks/backbone.py [--json OUT] [--repeats 15] [--threads 2] [--device cpu|cuda] [--amp] [--markdown]
 
-Latency is the median over ``--repeats`` timed calls after warm-up, in eval mode. All variants of one input
-setting are timed interleaved (round-robin), so machine noise hits them alike and the ratios are fair.
-'optimised' is ``res2det.optimize.optimize_for_inference`` (BN folding, fused ReLU, grouped stage-block
-convs, per-layer kernel and layout selection measured on this machine; the selection time is reported);
-every optimised model's output is checked against eager (max abs diff printed; must stay <= 1e-4).
+Latency is the median over ``--repeats`` timed calls after warm-up, in eval mode (on CUDA with
+``torch.cuda.synchronize`` around each call; defaults 3 + 15 calls on CPU, 10 + 50 on CUDA). All variants of
+one input setting are timed interleaved (round-robin), so machine noise hits them alike and the ratios are
+fair. 'optimised' is ``res2det.optimize.optimize_for_inference`` (BN folding, fused ReLU, grouped stage-block
+convs, and on CPU in fp32 the per-layer kernel and layout selection measured on this machine; the selection
+time is reported). On CUDA and with ``--amp`` it is the fusion alone: the selection's candidate kernels are
+CPU fp32 ones. ``--amp`` runs every variant under ``torch.autocast`` (float16 on CUDA, bfloat16 on CPU).
+Every optimised model's output is checked against eager in fp32 (max abs diff printed; must stay <= 1e-4).
+``--markdown`` prints the table in the README's format.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import res2det  # noqa: E402
+from res2det.checkpoint import atomic_write  # noqa: E402
 from res2det.optimize import optimize_for_inference  # noqa: E402
 from res2det.utils.complexity import count_macs, count_params  # noqa: E402
 
@@ -53,23 +58,42 @@ def time_interleaved(fns: dict, x: torch.Tensor, *, warmup: int, repeats: int, d
 
 def write_json(path: Path | None, result: dict) -> None:
     if path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2))
+        text = json.dumps(result, indent=2)
+        atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The README's backbone table."""
+    lines = ["| setting | model | params (M) | GMACs | eager ms | optimised ms | speed-up | vs ResNet (both optimised) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        vs = f"{r['vs_resnet_optimised']:.2f}x" if "vs_resnet_optimised" in r else "-"
+        lines.append(f"| {r['setting']} | {r['model']} | {r['params_m']:.2f} | {r['gmacs']:.2f} | {r['eager_ms']:.1f} | "
+                     f"{r['optimised_ms']:.1f} | {r['speedup']:.2f}x | {vs} |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=MODELS)
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    ap.add_argument("--repeats", type=int, default=15, help="timed calls per variant (800x1333: at most 7)")
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, help="timed calls per variant (default 15 on CPU, 50 on CUDA; "
+                    "800x1333 on CPU: at most 7)")
+    ap.add_argument("--warmup", type=int, help="untimed calls per variant first (default 3 on CPU, 10 on CUDA)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--amp", action="store_true", help="autocast to fp16 (cuda) / bf16 (cpu) for every variant")
     ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--markdown", action="store_true", help="also print the table as README markdown")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: CUDA is not available here")
+    cuda = args.device == "cuda"
+    args.warmup = (10 if cuda else 3) if args.warmup is None else args.warmup
+    args.repeats = (50 if cuda else 15) if args.repeats is None else args.repeats
+    select = args.device == "cpu" and not args.amp
 
     rows = []
     for setting in args.settings:
@@ -85,7 +109,7 @@ def main(argv=None) -> dict:
                     m.running_var.uniform_(0.5, 2.0)
             model = model.to(args.device)
             start = time.perf_counter()
-            opt = optimize_for_inference(model, x, select=args.device == "cpu")
+            opt = optimize_for_inference(model, x, select=select)
             tune_s = time.perf_counter() - start
             with torch.inference_mode():
                 diff = (opt(x) - model(x)).abs().max().item()
@@ -102,7 +126,7 @@ def main(argv=None) -> dict:
 
             fns[f"{name}|eager"] = wrap(model)
             fns[f"{name}|optimised"] = wrap(opt)
-        repeats = min(args.repeats, 7) if h * w > 500_000 else args.repeats
+        repeats = min(args.repeats, 7) if h * w > 500_000 and not cuda else args.repeats
         ms = time_interleaved(fns, x, warmup=args.warmup, repeats=repeats, device=args.device)
         for name in args.models:
             eager, opt = ms[f"{name}|eager"], ms[f"{name}|optimised"]
@@ -124,10 +148,13 @@ def main(argv=None) -> dict:
         vs = f"{r['vs_resnet_optimised']:.2f}x" if "vs_resnet_optimised" in r else "-"
         print(f"{r['setting']:12s} {r['model']:18s} {r['params_m']:9.2f} {r['gmacs']:6.2f} {r['eager_ms']:9.1f} "
               f"{r['optimised_ms']:8.1f} {r['speedup']:6.2f}x {vs:>15s} {r['max_abs_diff']:8.1e}")
+    if args.markdown:
+        print()
+        print(markdown_table(rows))
     result = dict(
         rows=rows,
         options=dict(device=args.device, amp=args.amp, threads=torch.get_num_threads(),
-                     repeats=args.repeats, warmup=args.warmup),
+                     repeats=args.repeats, warmup=args.warmup, kernel_selection=select),
         machine=dict(torch=torch.__version__, python=platform.python_version(), cpu=platform.processor() or platform.machine(),
                      cuda=torch.cuda.get_device_name() if args.device == "cuda" else None),
     )

@@ -6,6 +6,7 @@ another model is refused by name before any tensor is compared.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 import re
@@ -40,17 +41,20 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
     atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))
 
 
-def save_weights(model: nn.Module, path: str | os.PathLike, *, model_name: str) -> None:
-    """Save ``model``'s weights as res2det's own format (.safetensors, else a .pth dict), atomically."""
+def save_weights(model: nn.Module, path: str | os.PathLike, *, model_name: str,
+                 options: dict | None = None) -> None:
+    """Save ``model``'s weights as res2det's own format (.safetensors, else a .pth dict), atomically.
+    ``options`` (JSON-able ``create_model`` overrides such as ``num_classes`` and ``class_names``) are recorded
+    so that ``create_model(model_name, weights=path)`` rebuilds the same model."""
     path = Path(path)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    meta = {"format": RES2DET_FORMAT, "model": model_name, "options": json.dumps(options or {})}
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        meta = {"format": RES2DET_FORMAT, "model": model_name}
         atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
     else:
-        atomic_torch_save({"format": RES2DET_FORMAT, "model": model_name, "state_dict": state}, path)
+        atomic_torch_save({**meta, "state_dict": state}, path)
 
 
 def read_weights(path: str | os.PathLike) -> tuple[StateDict, dict]:
@@ -90,7 +94,7 @@ def read_weights(path: str | os.PathLike) -> tuple[StateDict, dict]:
     except Exception as e:  # zip/pickle corruption surfaces as many exception types
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
     if isinstance(obj, dict) and obj.get("format") == RES2DET_FORMAT:
-        meta = {"format": RES2DET_FORMAT, "model": obj.get("model")}
+        meta = {"format": RES2DET_FORMAT, "model": obj.get("model"), "options": obj.get("options", "{}")}
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]

@@ -7,3 +7,7 @@ class Res2DetError(Exception):
 
 class CheckpointError(Res2DetError):
     """A checkpoint that cannot be read or does not fit the model."""
+
+
+class DataError(Res2DetError):
+    """A dataset file (annotations, image, label map) that is missing, unreadable or malformed."""

@@ -59,3 +59,11 @@ def test_array_and_tensor_inputs():
     assert np.array_equal(to_rgb_uint8(torch.from_numpy(arr).float() / 255), arr)
     with pytest.raises(Res2DetError):
         to_rgb_uint8(np.zeros((4, 4, 2), np.uint8))
+
+
+def test_dark_16bit_image_is_not_brightened(tmp_path):
+    """A 16-bit image whose values all lie below 256 is still 16-bit: 200/65535 of full scale, not 200/255."""
+    Image.fromarray(np.full((4, 4), 200, np.uint16)).save(tmp_path / "dark.png")
+    Image.fromarray(np.full((4, 4), 40000, np.uint16)).save(tmp_path / "mid.png")
+    assert to_rgb_uint8(tmp_path / "dark.png").max() == 1  # round(200 * 255 / 65535)
+    assert to_rgb_uint8(tmp_path / "mid.png").max() == 156  # rounded, not truncated (155.6)

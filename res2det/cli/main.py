@@ -12,7 +12,6 @@ import torch
 
 from .. import __version__
 from ..checkpoint import atomic_write
-from ..data.image import load_image
 from ..errors import Res2DetError
 
 
@@ -29,24 +28,44 @@ def cmd_list(args) -> None:
 
 
 def cmd_zoo(args) -> None:
-    from ..utils.complexity import count_macs, count_params
-    from ..zoo import MODELS, create_model
+    """Every named model (or those named): origin, published figures per release (the publisher's own), file,
+    source URL, and res2det's measured params and GFLOPs (as ``res2det benchmark`` counts them; cached)."""
+    from tqdm import tqdm
 
+    from ..zoo import MODELS, get_spec
+    from .benchmark import default_size, model_complexity, published_text, releases
+
+    names = sorted(MODELS, key=lambda n: (MODELS[n].task, n))
+    if args.models:
+        names = [get_spec(n).name for n in args.models]
+    measured = {}
+    if not args.no_measure:
+        for name in tqdm(names, desc="measuring params and GFLOPs (cached)", unit="model", file=sys.stderr,
+                         leave=False, dynamic_ncols=True):
+            measured[name] = model_complexity(name)
     rows = []
-    for name in sorted(MODELS, key=lambda n: (MODELS[n].task, n)):
+    for name in names:
         spec = MODELS[name]
-        published = "; ".join(
-            f"{pw.source}: " + (", ".join(f"{k} {v}" for k, v in pw.metrics.items()) or "-") for pw in spec.weights
-        ) or "no weights released"
-        files = ", ".join(pw.filename for pw in spec.weights) or "-"
-        row = [name, spec.task, published, files]
-        if args.measure:
-            model = create_model(name).eval()
-            h, w = (224, 224) if spec.task == "classification" else (800, 1333)
-            row += [f"{count_params(model) / 1e6:.2f}", f"{count_macs(model, torch.zeros(1, 3, h, w)) / 1e9:.1f}"]
-        rows.append(row)
-    header = ["model", "task", "published (marked by source)", "file"]
-    print(_table(rows, header + (["params (M)", "GMACs"] if args.measure else [])))
+        size = "x".join(map(str, default_size(spec)))
+        params, gflops = measured.get(name, (None, None))
+        cost = [f"{params / 1e6:.2f}", f"{gflops:.1f} @{size}"] if name in measured else []
+        found = releases(spec) or [None]
+        for i, pw in enumerate(found):
+            first = [name, spec.task, spec.origin] if i == 0 else ["", "", ""]
+            if pw is None:
+                row = first + ["no weights released", "-"]
+            else:
+                row = first + [f"{pw.source}: {published_text(pw)}", pw.filename]
+            row += (cost if i == 0 else [""] * len(cost)) + ([pw.url] if pw is not None else ["-"])
+            rows.append(row)
+    header = ["model", "task", "origin", "published (source: figures as published)", "file"]
+    header += ["params (M)", "GFLOPs"] if measured else []
+    print(_table(rows, header + ["source URL"]))
+    print("\npublished: the publisher's own figures (top-1 %, COCO box / mask AP, training memory, fps on their "
+          "hardware); 'paddle-static' files are PaddleDetection's static-graph releases, listed, not loadable.")
+    if measured:
+        print("params, GFLOPs: measured by res2det; GFLOPs = conv + linear multiply-adds per image at the given "
+              "input (detectors padded to a multiple of 32, RoI heads at full load), as `res2det benchmark`.")
 
 
 def cmd_classify(args) -> None:
@@ -100,6 +119,8 @@ def cmd_demo(args) -> None:
     from ..visualize import draw_detections
     from ..zoo import create_model, get_spec
 
+    from ..data.image import load_image
+
     image = Path(args.image) if args.image else default_image()
     if get_spec(args.model).task not in DETECTION_TASKS:
         raise Res2DetError(f"demo runs a detector; {args.model} is not one")
@@ -150,16 +171,24 @@ def cmd_infer(args) -> None:
     from ..visualize import draw_detections
     from ..zoo import create_model, get_spec, list_models
 
-    spec = get_spec(args.model)
-    if spec.task not in DETECTION_TASKS:
-        detectors = [n for t in DETECTION_TASKS for n in list_models(t)]
-        raise Res2DetError(f"{args.model} is a {spec.task} model; infer needs a detector: {', '.join(detectors)}")
+    if args.onnx is None:
+        if args.model is None:
+            raise Res2DetError("infer needs --model NAME (or --onnx FILE written by `res2det export`)")
+        spec = get_spec(args.model)
+        if spec.task not in DETECTION_TASKS:
+            detectors = [n for t in DETECTION_TASKS for n in list_models(t)]
+            raise Res2DetError(f"{args.model} is a {spec.task} model; infer needs a detector: {', '.join(detectors)}")
     if args.score_thr is not None and not 0.0 <= args.score_thr <= 1.0:
         raise Res2DetError(f"--score-thr must lie in [0, 1], got {args.score_thr}")
     for image in args.images:  # fail on a missing or non-image file before building the model
         check_image(image)
-    model = create_model(args.model, weights=args.weights).eval()
-    if args.weights is None:
+    if args.onnx is not None:  # the exported graph in ONNX Runtime, with the same predict()
+        from .export import onnx_detector
+
+        model = onnx_detector(args.onnx, model=args.model, weights=args.weights)
+    else:
+        model = create_model(args.model, weights=args.weights).eval()
+    if args.weights is None and args.onnx is None:
         print(f"res2det: warning: no --weights given, so {args.model} is randomly initialised; its detections "
               f"mean nothing. Pass --weights FILE or --weights mmdet.", file=sys.stderr)
     draw_dir = Path(args.draw) if args.draw else None
@@ -200,8 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=["classification", "detection", "instance_segmentation"])
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("zoo", help="every named model with its published weights and figures")
-    p.add_argument("--measure", action="store_true", help="also build each model and count params and GMACs")
+    p = sub.add_parser("zoo", help="every named model: origin, published figures and files, measured params and GFLOPs")
+    p.add_argument("models", nargs="*", metavar="NAME", help="only these models (default: all)")
+    p.add_argument("--no-measure", action="store_true", help="skip res2det's params/GFLOPs columns (they build "
+                   "each model and run one forward pass: one to two minutes on 2 cores the first time, then cached)")
     p.set_defaults(func=cmd_zoo)
 
     p = sub.add_parser("classify", help="top-k ImageNet classes for images")
@@ -212,8 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("infer", help="detect objects (and masks) in images with a COCO detector")
-    p.add_argument("--model", required=True, help="a detection or instance_segmentation model (see `res2det list`)")
+    p.add_argument("--model", help="a detection or instance_segmentation model (see `res2det list`)")
     p.add_argument("--weights", help="checkpoint file or a published source ('mmdet')")
+    p.add_argument("--onnx", metavar="FILE", help="run this `res2det export` graph in ONNX Runtime instead of a "
+                   "PyTorch model (same pre-processing, outputs and drawing)")
     p.add_argument("--score-thr", type=float, help="keep detections scoring at least this (after the model's "
                    "own 0.05); also the drawing threshold (default 0.3 there)")
     p.add_argument("--out", help="write the detections as JSON (one record per image; masks as COCO RLE)")
@@ -228,6 +261,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-thr", type=float, default=0.3, help="drawing threshold")
     p.add_argument("image", nargs="?", help="default: a tiny_coco photo from ../shared/data")
     p.set_defaults(func=cmd_demo)
+
+    from .train import add_parsers as add_train_parsers
+
+    add_train_parsers(sub)
+
+    from .benchmark import add_parser as add_benchmark_parser
+
+    add_benchmark_parser(sub)
+
+    from .export import add_parser as add_export_parser
+
+    add_export_parser(sub)
     return parser
 
 

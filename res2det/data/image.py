@@ -26,10 +26,11 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise Res2DetError(f"{path}: not a readable image ({e})") from None
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16-bit / float grayscale: scale to 0..255 before converting, PIL would clip otherwise
-        arr = np.asarray(img, dtype=np.float32)
-        top = float(arr.max()) or 1.0
-        img = Image.fromarray(np.clip(arr * (255.0 / (65535.0 if top > 255 else 255.0)), 0, 255).astype(np.uint8))
+        # 16-bit / 32-bit / float grayscale: scale to 0..255 before converting (PIL would clip). 16-bit modes
+        # always span 0..65535; 'I'/'F' (how some files decode) only when their values exceed 8 bits.
+        arr = np.asarray(img, dtype=np.float64)
+        wide = img.mode.startswith("I;16") or float(arr.max(initial=0)) > 255
+        img = Image.fromarray(np.clip(np.rint(arr * (255.0 / 65535.0) if wide else arr), 0, 255).astype(np.uint8))
     return img.convert("RGB")
 
 

@@ -187,6 +187,9 @@ def roi_align(input: Tensor, rois: Tensor, output_size: int | tuple[int, int],
     Returns ``[K, C, out_h, out_w]``; differentiable w.r.t. ``input``.
     """
     output_size = _pair(output_size)
+    if torch.is_autocast_enabled(input.device.type):  # sample in fp32, as the reference kernels do under AMP
+        with torch.autocast(input.device.type, enabled=False):
+            return roi_align(input.float(), rois.float(), output_size, spatial_scale, sampling_ratio, aligned)
     if rois.shape[0] == 0:
         return input.new_zeros(0, input.shape[1], *output_size)
     if _tv.roi_align is not None:

@@ -76,7 +76,7 @@ class MultiLevelRoIAlign(nn.Module):
             inds = torch.nonzero(levels == lvl).flatten()
             if inds.numel():
                 out[inds] = roi_align(feats[lvl], rois[inds], out_size, 1.0 / stride,
-                                      self.sampling_ratio, self.aligned)
+                                      self.sampling_ratio, self.aligned).to(out.dtype)
         return out
 
     def extra_repr(self) -> str:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 from typing import Any
 
 from torch import nn
@@ -61,9 +62,11 @@ def _resolve_weights(spec: ModelSpec, weights: str) -> tuple[str, str | None]:
     return weights, None
 
 
-def load_weights(model: nn.Module, spec: ModelSpec, path: str, *, weights_format: str | None = None) -> str:
-    """Strictly load a checkpoint file into ``model`` (built from ``spec``); returns the format used."""
-    state, meta = read_weights(path)
+def load_weights(model: nn.Module, spec: ModelSpec, path: str, *, weights_format: str | None = None,
+                 loaded: tuple[dict, dict] | None = None) -> str:
+    """Strictly load a checkpoint file into ``model`` (built from ``spec``); returns the format used.
+    ``loaded`` is the file's ``read_weights`` result when the caller has read it already."""
+    state, meta = loaded or read_weights(path)
     if meta.get("format") == "res2det":
         if meta.get("model") not in (None, spec.name):
             raise CheckpointError(f"{path}: this checkpoint is for model {meta['model']!r}, not {spec.name!r}")
@@ -82,10 +85,25 @@ def load_weights(model: nn.Module, spec: ModelSpec, path: str, *, weights_format
     return fmt
 
 
+def _recorded_options(meta: dict) -> dict[str, Any]:
+    """The ``create_model`` overrides a res2det checkpoint was saved with (JSON lists back to tuples)."""
+    if meta.get("format") != "res2det":
+        return {}
+    options = json.loads(meta.get("options") or "{}")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+
+
 def create_model(name: str, weights: str | None = None, *, weights_format: str | None = None, **overrides) -> nn.Module:
     """Build a named model; with ``weights`` (a file, or a published source such as 'official') load them
-    strictly and return the model in eval mode. ``overrides`` replace config fields (e.g. ``frozen_stages=1``)."""
+    strictly and return the model in eval mode. ``overrides`` replace config fields (e.g. ``frozen_stages=1``);
+    a res2det checkpoint also brings the overrides it was saved with (``num_classes``, ``class_names``, ...),
+    which explicit ``overrides`` replace."""
     spec = get_spec(name)
+    loaded = None
+    if weights is not None:
+        path, source = _resolve_weights(spec, weights)
+        loaded = read_weights(path)
+        overrides = {**_recorded_options(loaded[1]), **overrides}
     config = apply_overrides(spec.config, overrides)
     try:
         model = spec.build(config)
@@ -94,12 +112,36 @@ def create_model(name: str, weights: str | None = None, *, weights_format: str |
     model.model_name = name
     model.config = config
     model.preprocess = spec.preprocess
-    if weights is not None:
-        path, source = _resolve_weights(spec, weights)
-        load_weights(model, spec, path, weights_format=weights_format or source)
+    if loaded is not None:
+        load_weights(model, spec, path, weights_format=weights_format or source, loaded=loaded)
         model.eval()
     return model
 
 
-__all__ = ["create_model", "list_models", "get_spec", "load_weights", "MODELS", "ModelSpec", "Preprocess",
+def load_backbone_weights(model: nn.Module, weights: str, *, classifier: str) -> None:
+    """Initialise a detector's backbone from ImageNet weights of the named classifier (a file, or a published
+    source such as 'official'), as the detection recipes do: official/timm/torchvision keys, or mmdetection's
+    backbone-only files (``stem.*``). Strict: only the classifier's ``fc`` and, for DCN backbones, the
+    zero-initialised ``conv_offset`` layers (absent from ImageNet weights) may go unmatched."""
+    spec = get_spec(classifier)
+    path, source = _resolve_weights(spec, weights)
+    state, _ = read_weights(path)
+    if "stem.0.weight" in state:  # mmdetection's own ImageNet conversion
+        from .detectors import mmdet_to_res2det
+
+        state = {k[len("backbone."):]: v for k, v in mmdet_to_res2det({f"backbone.{k}": v for k, v in state.items()}).items()}
+    else:
+        fmt = source or spec.detect_format(state)
+        if fmt not in spec.key_maps:
+            raise CheckpointError(f"{path}: not {classifier} ImageNet weights (keys start {list(state)[:3]})")
+        state = spec.key_maps[fmt](state)
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    backbone = model.backbone
+    for name, tensor in backbone.state_dict().items():
+        if ".conv_offset." in name:
+            state.setdefault(name, tensor)  # DCN offsets start at zero (mmcv's init), not in ImageNet weights
+    load_state_dict_strict(backbone, state, source=f"{path} ({classifier} ImageNet weights -> backbone)")
+
+
+__all__ = ["create_model", "list_models", "get_spec", "load_weights", "load_backbone_weights", "MODELS", "ModelSpec", "Preprocess",
            "PublishedWeights", "register", "apply_overrides"]

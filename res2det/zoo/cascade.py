@@ -6,7 +6,8 @@ import re
 from ..models.detectors.cascade import (HTC_TRAIN, CascadeDetectorConfig, CascadeRoIHeadConfig,
                                         build_cascade_detector)
 from ..models.heads import RCNNTestConfig
-from .detectors import _MMDET_RULES, _R2_101, _detect, COCO_CLASSES, DETECTION_PREPROCESS, MMDET_URL
+from .detectors import (_MMDET_RULES, _R2_101, _detect, COCO_CLASSES, DETECTION_PREPROCESS, MMDET_TRAIN_MEMORY_GB,
+                        MMDET_URL)
 from .registry import ModelSpec, PublishedWeights, StateDict, register, rename_by_rules
 
 # Cascade / HTC heads on top of the Faster/Mask R-CNN rules (the backbone, FPN and RPN rules are shared).
@@ -48,9 +49,11 @@ for _name, _task, _head, _file, _metrics, _what in _ROWS:
             build=build_cascade_detector,
             key_maps={"mmdet": mmdet_cascade_to_res2det},
             detect_format=_detect,
-            weights=(PublishedWeights("mmdet", f"{MMDET_URL}{_name}/{_file}", dict(_metrics)),),
+            weights=(PublishedWeights("mmdet", f"{MMDET_URL}{_name}/{_file}", dict(_metrics),
+                                      train_memory_gb=MMDET_TRAIN_MEMORY_GB.get(_name)),),  # HTC: '-'
             preprocess=DETECTION_PREPROCESS,
             description=f"{_what}, Res2Net-101 26w4s + FPN, COCO 20e (mmdetection)",
+            origin="mmdetection",
         )
     )
 

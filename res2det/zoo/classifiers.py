@@ -36,15 +36,16 @@ def _detect(state: StateDict) -> str | None:
 CLASSIFIER_KEY_MAPS = {"official": _identity, "timm": _identity, "torchvision": _identity}
 
 V1B = dict(stem="deep", shortcut="avg")
-# name: (backbone options, published file, published ImageNet top-1 where the team has the figure)
+# name: (backbone options, published file, published ImageNet top-1 = 100 - the top-1 error in the official
+# Res2Net-PretrainedModels README)
 _ROWS = {
     "res2net50_26w_4s": (dict(), "res2net50_26w_4s-06e79181.pth", 77.99),
-    "res2net50_48w_2s": (dict(base_width=48, scale=2), "res2net50_48w_2s-afed724a.pth", None),
-    "res2net50_14w_8s": (dict(base_width=14, scale=8), "res2net50_14w_8s-6527dddc.pth", None),
-    "res2net50_26w_6s": (dict(scale=6), "res2net50_26w_6s-19041792.pth", None),
-    "res2net50_26w_8s": (dict(scale=8), "res2net50_26w_8s-2c7c9f12.pth", None),
+    "res2net50_48w_2s": (dict(base_width=48, scale=2), "res2net50_48w_2s-afed724a.pth", 77.32),
+    "res2net50_14w_8s": (dict(base_width=14, scale=8), "res2net50_14w_8s-6527dddc.pth", 78.14),
+    "res2net50_26w_6s": (dict(scale=6), "res2net50_26w_6s-19041792.pth", 78.58),
+    "res2net50_26w_8s": (dict(scale=8), "res2net50_26w_8s-2c7c9f12.pth", 79.20),
     "res2net101_26w_4s": (dict(depth=101), "res2net101_26w_4s-02a759a1.pth", 79.19),
-    "res2next50": (dict(base_width=4, scale=4, cardinality=8), "res2next50_4s-6ef7e7bf.pth", None),
+    "res2next50": (dict(base_width=4, scale=4, cardinality=8), "res2next50_4s-6ef7e7bf.pth", 78.24),
     "res2net50_v1b_26w_4s": (V1B, "res2net50_v1b_26w_4s-3cf99910.pth", 80.27),
     "res2net101_v1b_26w_4s": (dict(depth=101, **V1B), "res2net101_v1b_26w_4s-0812c246.pth", 81.23),
     "res2net152_v1b_26w_4s": (dict(depth=152, **V1B), None, None),  # no weights were released
@@ -65,10 +66,13 @@ for _name, (_opts, _file, _top1) in _ROWS.items():
             detect_format=_detect,
             weights=_weights,
             description="Res2Net ImageNet classifier (official/timm first-block behaviour)",
+            origin="Res2Net official",
         )
     )
 
-for _name, _depth, _file in (("resnet50", 50, "resnet50-19c8e357.pth"), ("resnet101", 101, "resnet101-5d3b4d8f.pth")):
+# torchvision's IMAGENET1K_V1 weights and their published acc@1
+for _name, _depth, _file, _top1 in (("resnet50", 50, "resnet50-19c8e357.pth", 76.13),
+                                    ("resnet101", 101, "resnet101-5d3b4d8f.pth", 77.374)):
     register(
         ModelSpec(
             name=_name,
@@ -77,7 +81,8 @@ for _name, _depth, _file in (("resnet50", 50, "resnet50-19c8e357.pth"), ("resnet
             build=build_classifier,
             key_maps=CLASSIFIER_KEY_MAPS,
             detect_format=_detect,
-            weights=(PublishedWeights("torchvision", TORCHVISION_URL + _file),),
+            weights=(PublishedWeights("torchvision", TORCHVISION_URL + _file, {"top1": _top1}),),
             description="plain ResNet baseline (torchvision layout)",
+            origin="torchvision",
         )
     )

@@ -5,8 +5,8 @@ import dataclasses
 import re
 
 from ..models.backbones import BackboneConfig
-from ..models.detectors import DetectorConfig, RoIHeadConfig, build_detector
-from ..models.heads import MaxIoUAssigner, RCNNTrainConfig
+from ..models.detectors import DetectorConfig, FPNConfig, RoIHeadConfig, RPNConfig, build_detector
+from ..models.heads import MaxIoUAssigner, ProposalConfig, RandomSampler, RCNNTrainConfig, RPNTrainConfig
 from .registry import ModelSpec, Preprocess, PublishedWeights, StateDict, register, rename_by_rules
 
 MMDET_URL = "https://download.openmmlab.com/mmdetection/v2.0/res2net/"
@@ -66,6 +66,9 @@ _ROWS = [
     ("mask_rcnn_r2_101_fpn_2x_coco", "instance_segmentation", True, "mask_rcnn_r2_101_fpn_2x_coco-17f061e8.pth",
      {"box_ap": 43.6, "mask_ap": 38.7}),
 ]
+# mmdetection's res2net README: 'Mem (GB)' (training); its 'Inf time (fps)' is '-' for every Res2Net row
+MMDET_TRAIN_MEMORY_GB = {"faster_rcnn_r2_101_fpn_2x_coco": 7.4, "mask_rcnn_r2_101_fpn_2x_coco": 7.9,
+                         "cascade_rcnn_r2_101_fpn_20e_coco": 7.8, "cascade_mask_rcnn_r2_101_fpn_20e_coco": 9.5}
 
 for _name, _task, _mask, _file, _metrics in _ROWS:
     register(
@@ -80,9 +83,11 @@ for _name, _task, _mask, _file, _metrics in _ROWS:
             build=build_detector,
             key_maps={"mmdet": mmdet_to_res2det},
             detect_format=_detect,
-            weights=(PublishedWeights("mmdet", f"{MMDET_URL}{_name}/{_file}", dict(_metrics)),),
+            weights=(PublishedWeights("mmdet", f"{MMDET_URL}{_name}/{_file}", dict(_metrics),
+                                      train_memory_gb=MMDET_TRAIN_MEMORY_GB[_name]),),
             preprocess=DETECTION_PREPROCESS,
             description=f"{'Mask' if _mask else 'Faster'} R-CNN, Res2Net-101 26w4s + FPN, COCO 2x (mmdetection)",
+            origin="mmdetection",
         )
     )
 
@@ -105,6 +110,33 @@ register(
         weights=(),
         preprocess=DETECTION_PREPROCESS,
         description="Mask R-CNN, Res2Net-50 26w4s + DCNv2 (c3-c5) + FPN, COCO 2x (mmdetection preset, no weights)",
+        origin="mmdetection config",
+    )
+)
+
+# res2det's own small Mask R-CNN: the same structure (Res2Net 26w4s with deep stem and avg shortcuts, FPN, RPN,
+# two-FC box head, FCN mask head) at a fraction of the width and depth, trained from scratch with BN, for small
+# data sets and CPU training (the README's main job trains it on the embedded shapes set in minutes).
+register(
+    ModelSpec(
+        name="mask_rcnn_r2_tiny_fpn",
+        task="instance_segmentation",
+        config=DetectorConfig(
+            backbone=BackboneConfig(stage_blocks=(1, 1, 2, 1), base_channels=16, stem="deep", shortcut="avg",
+                                    stage_block="mmdet"),
+            neck=FPNConfig(out_channels=64),
+            rpn=RPNConfig(feat_channels=64, test_proposals=ProposalConfig(nms_pre=500, max_per_img=300),
+                          rpn_train=RPNTrainConfig(proposals=ProposalConfig(nms_pre=1000, max_per_img=500))),
+            roi_head=RoIHeadConfig(num_classes=3, fc_channels=256, with_mask=True, mask_num_convs=2,
+                                   mask_channels=64, rcnn_train=dataclasses.replace(
+                                       _MASK_RCNN_TRAIN, sampler=RandomSampler(num=128, pos_fraction=0.25))),
+        ),
+        build=build_detector,
+        key_maps={},
+        detect_format=lambda state: None,
+        preprocess=dataclasses.replace(DETECTION_PREPROCESS, input_size=(320, 320)),
+        description="Mask R-CNN, scaled-down Res2Net (1-1-2-1 blocks, 16 base channels) + FPN 64; res2det's own, "
+                    "to train on small data (no published weights)",
     )
 )
 

@@ -36,6 +36,12 @@ class PublishedWeights:
     url: str
     metrics: dict[str, float] = field(default_factory=dict)  # as published (top1, box_ap, mask_ap, ...)
     notes: str = ""
+    # Published cost figures, where the publisher gave them (None: not given). mmdetection's 'Mem (GB)' is the
+    # training memory (max torch.cuda.max_memory_allocated over its 8 GPUs, 2 images each); fps is the
+    # publisher's inference speed on ``hardware``.
+    train_memory_gb: float | None = None
+    fps: float | None = None
+    hardware: str = ""
 
     @property
     def filename(self) -> str:
@@ -53,6 +59,12 @@ class ModelSpec:
     weights: tuple[PublishedWeights, ...] = ()
     preprocess: Preprocess = Preprocess()
     description: str = ""
+    # The model zoo the row comes from ('Res2Net official', 'torchvision', 'mmdetection', 'PaddleDetection');
+    # 'res2det' for res2det's own presets.
+    origin: str = "res2det"
+    # Releases of this model in a format res2det does not read (PaddleDetection's static-graph .tar files),
+    # listed by ``res2det zoo`` for their published figures only; ``create_model(weights=...)`` ignores them.
+    other_releases: tuple[PublishedWeights, ...] = ()
 
 
 def rename_by_rules(state: StateDict, rules: list[tuple[re.Pattern, str]], source: str) -> StateDict:

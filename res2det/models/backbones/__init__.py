@@ -20,6 +20,10 @@ class BackboneConfig:
 
     block: Literal["res2net", "resnet"] = "res2net"
     depth: Literal[50, 101, 152] = 50
+    # Scaled-down variants (not published; for small data and fast CPU training): blocks per stage instead of
+    # ``depth``'s (3, 4, 6, 3) etc., and the stem/stage width (stage planes base, 2x, 4x, 8x; output 4x that).
+    stage_blocks: tuple[int, int, int, int] | None = None
+    base_channels: int = 64
     base_width: int = 26
     scale: int = 4
     cardinality: int = 1
@@ -46,6 +50,8 @@ def build_backbone(cfg: BackboneConfig, *, num_classes: int = 0) -> ResNet:
     return ResNet(
         block=block,
         depth=cfg.depth,
+        stage_blocks=cfg.stage_blocks,
+        base_channels=cfg.base_channels,
         block_kwargs=kwargs,
         stem=cfg.stem,
         shortcut=cfg.shortcut,

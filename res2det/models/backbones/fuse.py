@@ -114,7 +114,8 @@ class FastBottle2neck(nn.Module):
         else:
             c = block.convs[0]
             grouped = nn.Conv2d(c.in_channels * len(convs), c.out_channels * len(convs), 3, stride=c.stride,
-                                padding=1, groups=c.groups * len(convs), bias=True)
+                                padding=1, groups=c.groups * len(convs), bias=True, device=c.weight.device,
+                                dtype=c.weight.dtype)
             with torch.no_grad():
                 grouped.weight.copy_(torch.cat([k.weight for k in convs]))
                 grouped.bias.copy_(torch.cat([k.bias for k in convs]))

@@ -17,7 +17,6 @@ from ...ops import ModulatedDeformConv2d
 from .res2net import Bottle2neck
 
 STAGE_DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
-STAGE_PLANES = (64, 128, 256, 512)
 
 
 class Bottleneck(nn.Module):
@@ -92,6 +91,8 @@ class ResNet(nn.Module):
         *,
         block: type[nn.Module] = Bottle2neck,
         depth: int = 50,
+        stage_blocks: Sequence[int] | None = None,
+        base_channels: int = 64,
         block_kwargs: dict | None = None,
         stem: Literal["original", "deep"] = "original",
         shortcut: Literal["conv", "avg"] = "conv",
@@ -104,8 +105,14 @@ class ResNet(nn.Module):
         with_cp: bool = False,
     ):
         super().__init__()
-        if depth not in STAGE_DEPTHS:
-            raise ValueError(f"depth must be one of {sorted(STAGE_DEPTHS)}, got {depth}")
+        if stage_blocks is None:
+            if depth not in STAGE_DEPTHS:
+                raise ValueError(f"depth must be one of {sorted(STAGE_DEPTHS)}, got {depth}")
+            stage_blocks = STAGE_DEPTHS[depth]
+        if len(stage_blocks) != 4 or min(stage_blocks) < 1:
+            raise ValueError(f"stage_blocks needs 4 positive block counts, got {tuple(stage_blocks)}")
+        if base_channels < 8 or base_channels % 2:
+            raise ValueError(f"base_channels must be an even number >= 8, got {base_channels}")
         if stem not in ("original", "deep"):
             raise ValueError(f"stem must be 'original' or 'deep', got {stem!r}")
         if shortcut not in ("conv", "avg"):
@@ -123,16 +130,17 @@ class ResNet(nn.Module):
         self.num_classes = num_classes
 
         if stem == "deep":
-            self.conv1 = _deep_stem(in_chans, 32, 64)
+            self.conv1 = _deep_stem(in_chans, base_channels // 2, base_channels)
         else:
-            self.conv1 = nn.Conv2d(in_chans, 64, 7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+            self.conv1 = nn.Conv2d(in_chans, base_channels, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(base_channels)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
 
-        inplanes = 64
+        inplanes = base_channels
         channels = []
-        for i, (planes, n_blocks) in enumerate(zip(STAGE_PLANES, STAGE_DEPTHS[depth])):
+        planes_per_stage = [base_channels * 2**i for i in range(4)]  # 64, 128, 256, 512 in the published models
+        for i, (planes, n_blocks) in enumerate(zip(planes_per_stage, stage_blocks)):
             stride = 1 if i == 0 else 2
             outplanes = planes * block.expansion
             blocks = []

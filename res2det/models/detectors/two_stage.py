@@ -31,6 +31,8 @@ class TwoStageDetector(nn.Module):
       xyxy, scores [K], labels [K] int64, masks [K, h, w] bool for mask models)`` in the input's pixel
       coordinates. ``images`` are normalised and zero-padded on the bottom/right; ``image_sizes`` are the
       unpadded ``(h, w)`` (default: the full tensor).
+    * ``postprocess(result, scale_factor=, orig_size=)``: one image's ``detect(..., paste_masks=False)`` output
+      in original-image pixels, masks pasted there (what ``predict`` and ``res2det.evaluation`` use).
     * train: ``model(images, targets)`` -> dict of losses (``loss_rpn_cls``, ``loss_rpn_bbox``, ``loss_cls``,
       ``loss_bbox``[, ``loss_mask``]). ``targets`` holds per image ``boxes [N, 4]`` (padded-input pixels),
       ``labels [N]`` (0..C-1) and, for mask models, ``masks [N, H, W]``.
@@ -155,30 +157,40 @@ class TwoStageDetector(nn.Module):
         inputs = [detection_input(rgb, pre) for rgb in rgbs]
         batch = pad_batch([x for x, _ in inputs]).to(param.device, param.dtype)
         sizes = [tuple(x.shape[-2:]) for x, _ in inputs]
-        out = []
-        for rgb, (_, (sx, sy)), r in zip(rgbs, inputs, self.detect(batch, sizes, paste_masks=False)):
-            h, w = rgb.shape[:2]
-            boxes = r["boxes"].float() / r["boxes"].new_tensor([sx, sy, sx, sy], dtype=torch.float32)
-            scores, labels, probs = r["scores"].float(), r["labels"].long(), r.get("mask_probs")
-            # Detections are by decreasing score (Paddle's NMS groups them by class; mmdet's are sorted already)
-            order = torch.argsort(scores, descending=True, stable=True)
-            boxes, scores, labels = boxes[order], scores[order], labels[order]
-            probs = None if probs is None else probs[order]
-            if score_thr is not None:
-                keep = torch.nonzero(scores >= score_thr).flatten()
-                boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-                probs = None if probs is None else probs[keep]
-            masks = None
-            # mmdet (rescale=True) pastes from the rescaled, unclipped boxes; Paddle clips them first
-            if getattr(self.roi_head, "paste_clipped_boxes", False):
-                boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
-                boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
-            if probs is not None:
-                masks = paste_masks(probs, boxes, (h, w), self.roi_head.test_cfg.mask_thr_binary).cpu()
-            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
-            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
-            out.append((boxes.cpu(), scores.cpu(), labels.cpu(), masks))
-        return out
+        results = self.detect(batch, sizes, paste_masks=False)
+        return [self.postprocess(r, scale_factor=sf, orig_size=rgb.shape[:2], score_thr=score_thr)
+                for rgb, (_, sf), r in zip(rgbs, inputs, results)]
+
+    def postprocess(self, result: Mapping[str, Tensor], *, scale_factor: Sequence[float], orig_size: Sequence[int],
+                    score_thr: float | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """One image's ``detect(..., paste_masks=False)`` output -> ``(boxes, scores, labels, masks)`` on the
+        CPU in the original image's pixels, by decreasing score; ``masks`` bool ``[K, H, W]`` (``None`` without
+        a mask head). Used by ``predict`` and by ``res2det.evaluation``.
+
+        ``scale_factor`` is ``(sx, sy)``, input pixels per original pixel; ``orig_size`` is ``(H, W)``. Boxes are
+        divided by the scale factors and clipped to the image; masks are pasted at the original size from the
+        unclipped boxes (mmdetection) or, for Paddle's conventions, from the clipped ones. ``score_thr`` keeps
+        only detections scoring at least that much.
+        """
+        if "masks" in result and "mask_probs" not in result:
+            raise ValueError("postprocess needs the mask probabilities: call detect(..., paste_masks=False)")
+        sx, sy = (float(s) for s in scale_factor)
+        h, w = int(orig_size[0]), int(orig_size[1])
+        boxes = result["boxes"].float() / result["boxes"].new_tensor([sx, sy, sx, sy], dtype=torch.float32)
+        scores, labels, probs = result["scores"].float(), result["labels"].long(), result.get("mask_probs")
+        # Detections are by decreasing score (Paddle's NMS groups them by class; mmdet's are sorted already)
+        order = torch.argsort(scores, descending=True, stable=True)
+        if score_thr is not None:
+            order = order[scores[order] >= score_thr]
+        boxes, scores, labels = boxes[order], scores[order], labels[order]
+        probs = None if probs is None else probs[order]
+        masks = None
+        # mmdet (rescale=True) pastes from the rescaled, unclipped boxes; Paddle clips them first
+        if getattr(self.roi_head, "paste_clipped_boxes", False):
+            boxes = _clip(boxes, h, w)
+        if probs is not None:
+            masks = paste_masks(probs, boxes, (h, w), self.roi_head.test_cfg.mask_thr_binary).cpu()
+        return _clip(boxes, h, w).cpu(), scores.cpu(), labels.cpu(), masks
 
     @torch.no_grad()
     def forward_with_intermediates(self, images: Tensor, image_sizes: ImageSizes | None = None
@@ -203,6 +215,12 @@ class TwoStageDetector(nn.Module):
                                                     cfg=self.rpn_head.train_cfg.proposals)
         losses.update(self.roi_head.loss(pyramid, [p[0] for p in proposals], gt_boxes, gt_labels, gt_masks))
         return losses
+
+
+def _clip(boxes: Tensor, h: int, w: int) -> Tensor:
+    """xyxy boxes clamped into a ``w x h`` image."""
+    return torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h), boxes[:, 2].clamp(0, w),
+                        boxes[:, 3].clamp(0, h)], dim=1)
 
 
 def _image_list(images: Any) -> list:

@@ -40,7 +40,7 @@ class Shared2FCBBoxHead(nn.Module):
         x = x.flatten(1)
         for fc in self.shared_fcs:
             x = F.relu(fc(x))
-        return self.fc_cls(x), self.fc_reg(x)
+        return self.fc_cls(x).float(), self.fc_reg(x).float()  # fp32 under autocast (decoding, softmax, losses)
 
     def predict(self, rois: Tensor, cls_score: Tensor, bbox_pred: Tensor, image_size: tuple[int, int], *,
                 score_thr: float, iou_threshold: float, max_per_img: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -61,8 +61,9 @@ class RPNHead(nn.Module):
         cls_scores, bbox_preds = [], []
         for x in feats:
             x = F.relu(self.rpn_conv(x))
-            cls_scores.append(self.rpn_cls(x))
-            bbox_preds.append(self.rpn_reg(x))
+            # fp32 under autocast: decoding and losses need it (bf16 resolves ~4 px at x = 1000)
+            cls_scores.append(self.rpn_cls(x).float())
+            bbox_preds.append(self.rpn_reg(x).float())
         return cls_scores, bbox_preds
 
     # ----------------------------------------------------------------------------------------------- proposals

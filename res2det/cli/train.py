@@ -1,0 +1,134 @@
+"""``res2det train`` and ``res2det test``: a run folder per run (config, log, checkpoints, plot, results)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from ..errors import Res2DetError
+
+
+def _config(args):
+    from ..engine.config import apply_settings, load_config
+
+    cfg = load_config(args.config)
+    if args.data:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=args.data))
+    if getattr(args, "amp", None):
+        cfg = dataclasses.replace(cfg, amp=args.amp)
+    if args.device:
+        cfg = dataclasses.replace(cfg, device=args.device)
+    if args.out:
+        cfg = dataclasses.replace(cfg, out_dir=args.out)
+    return apply_settings(cfg, args.set or [])
+
+
+def _run_name(config: str) -> str:
+    return Path(config).stem if config.endswith(".py") else config
+
+
+def print_metrics(metrics: dict[str, float]) -> None:
+    for kind, label in (("bbox", "box"), ("segm", "mask")):
+        if f"{kind}_AP" in metrics:
+            parts = [f"{k.split('_', 1)[1]} {metrics[k]:.3f}" for k in metrics if k.startswith(f"{kind}_AP")]
+            print(f"{label} AP: " + ", ".join(parts))
+
+
+def cmd_train(args) -> None:
+    from ..engine.distributed import broadcast_object, init_distributed
+    from ..engine.trainer import Trainer, latest_run_dir, new_run_dir
+
+    cfg = _config(args)
+    dist = init_distributed(cfg.device)
+    name = _run_name(args.config)
+    resume = None
+    if args.resume is not None:
+        if args.resume == "latest":
+            run_dir = latest_run_dir(cfg.out_dir, name)
+            if run_dir is None:
+                raise Res2DetError(f"--resume: no run of {name!r} with a checkpoint under {cfg.out_dir}/")
+            resume = True
+        else:
+            target = Path(args.resume)
+            run_dir, resume = (target, True) if target.is_dir() else (target.parent, target)
+    else:
+        run_dir = new_run_dir(cfg.out_dir, name) if dist.is_main else None
+        run_dir = broadcast_object(run_dir, dist)
+    trainer = Trainer(cfg, run_dir, resume=resume, dist=dist)
+    if dist.is_main:
+        print(f"run folder: {run_dir}  ({trainer.iters_per_epoch} iterations/epoch x {cfg.recipe.epochs} epochs, "
+              f"{dist.world_size} process(es) x batch {cfg.batch_size}, device {dist.device})", flush=True)
+    summary = trainer.fit()
+    if not dist.is_main:
+        return
+    from ..checkpoint import save_weights
+
+    final = run_dir / "model_final.safetensors"
+    save_weights(trainer.model, final, model_name=cfg.model,
+                 options={"num_classes": len(trainer.train_set.class_names),
+                          "class_names": list(trainer.train_set.class_names)})
+    print(f"trained {summary['iterations']} iterations in {summary['seconds'] / 60:.1f} min; weights: {final}")
+    print_metrics(summary["metrics"])
+    if cfg.draw:
+        drawn = draw_samples(trainer.model, trainer.val_set, run_dir / "drawn", cfg.draw)
+        print(f"drew {len(drawn)} validation images: {run_dir / 'drawn'}")
+    print(f"log: {run_dir / 'log.jsonl'}, plot: {run_dir / 'plot.png'}")
+
+
+def draw_samples(model, dataset, out_dir: Path, count: int, score_thr: float = 0.5) -> list[Path]:
+    """Draw the model's detections on the first ``count`` images of ``dataset``."""
+    from ..checkpoint import atomic_write
+    from ..data.image import to_rgb_uint8
+    from ..visualize import draw_detections
+
+    paths = []
+    for file in [r.file for r in dataset.records[:count]]:
+        rgb = to_rgb_uint8(file)
+        (det,) = model.predict(rgb)
+        picture = draw_detections(rgb, det, score_thr=score_thr)
+        path = out_dir / f"{Path(file).stem}.png"
+        atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
+        paths.append(path)
+    return paths
+
+
+def cmd_test(args) -> None:
+    from ..engine.distributed import init_distributed
+    from ..engine.trainer import build_dataset, new_run_dir
+    from ..evaluation import evaluate_model
+    from ..zoo import create_model, get_spec
+
+    cfg = _config(args)
+    dist = init_distributed(cfg.device)
+    val = build_dataset(cfg, get_spec(cfg.model).preprocess, "val")
+    model = create_model(cfg.model, weights=args.weights, **cfg.model_options, num_classes=len(val.class_names),
+                         class_names=tuple(val.class_names)).to(dist.device)
+    run_dir = new_run_dir(cfg.out_dir, f"{_run_name(args.config)}-test")
+    metrics = evaluate_model(model, val, batch_size=cfg.batch_size, device=dist.device, out_dir=run_dir)
+    if dist.is_main:
+        print((run_dir / "coco_eval.txt").read_text())  # COCOeval's summary and the per-class AP tables
+        print_metrics(metrics)
+        print(f"results (COCO JSON: bbox.json{', segm.json' if 'segm_AP' in metrics else ''}), "
+              f"metrics.json, coco_eval.txt: {run_dir}")
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    def common(p):
+        p.add_argument("config", help="a preset (`shapes`, or a zoo detector name) or a .py file defining `config`")
+        p.add_argument("--data", metavar="ROOT", help="COCO-format folder: annotations/instances_{split}.json, {split}/")
+        p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="edit config fields, e.g. recipe.epochs=1 "
+                       "batch_size=4 model.frozen_stages=0")
+        p.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU when there is one)")
+        p.add_argument("--out", help="parent folder of the run folders (default: runs)")
+
+    p = sub.add_parser("train", help="train a detector (single process, or one per GPU under torchrun)")
+    common(p)
+    p.add_argument("--resume", nargs="?", const="latest", metavar="PATH",
+                   help="continue the latest run of this config, or the run folder / checkpoint PATH")
+    p.add_argument("--amp", choices=["bf16", "fp16"], help="mixed precision (fp16 with loss scaling)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("test", help="COCO box/mask AP of a checkpoint on the config's validation set")
+    common(p)
+    p.add_argument("--weights", required=True, help="checkpoint file (res2det, mmdet, Paddle ...)")
+    p.set_defaults(func=cmd_test)

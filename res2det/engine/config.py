@@ -1,0 +1,201 @@
+"""Typed training configuration: the mmdetection recipes and one preset per model-zoo row.
+
+A config is plain Python: ``TrainConfig(model=..., recipe=RECIPES["2x"], ...)``. ``res2det train`` takes a preset
+name or a ``.py`` file that defines ``config``, and ``--set dotted.key=value`` edits single fields
+(``recipe.epochs=1``, ``data.root=/data/coco``, ``model.frozen_stages=0`` for a model option)."""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import runpy
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ..errors import Res2DetError
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """SGD with momentum, linear warm-up, step decay at epoch milestones (mmdetection's schedules).
+    The learning rate is ``base_lr`` per ``base_batch_size`` images, scaled linearly to the actual total batch."""
+
+    epochs: int = 12
+    milestones: tuple[int, ...] = (8, 11)  # the lr is multiplied by ``gamma`` when these epochs start (1-based: after)
+    gamma: float = 0.1
+    base_lr: float = 0.02
+    base_batch_size: int = 16
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 500
+    warmup_ratio: float = 0.001  # the first iteration runs at base_lr * warmup_ratio, rising linearly
+
+
+RECIPES: dict[str, Recipe] = {
+    "1x": Recipe(epochs=12, milestones=(8, 11)),
+    "2x": Recipe(epochs=24, milestones=(16, 22)),
+    "20e": Recipe(epochs=20, milestones=(16, 19)),
+}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the COCO-format data is: ``root/annotations/instances_{split}.json`` and ``root/{split}/``.
+    ``root=None`` is the embedded shapes set (generated on first use)."""
+
+    root: str | None = "data/coco"
+    train_split: str = "train2017"
+    val_split: str = "val2017"
+    stuff_dir: str | None = None  # HTC's semantic maps, relative to root (e.g. 'stuffthingmaps/train2017')
+    scale: tuple[int, int] | None = None  # (long, short) resize bounds; None: the model's own (e.g. 1333x800)
+    train_scale_range: tuple[int, int] | None = None  # short side drawn from this range in training (multi-scale)
+    flip_prob: float = 0.5
+    on_bad: Literal["fail", "skip"] = "fail"
+    num_workers: int = 2
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str  # a zoo name; num_classes and class_names come from the dataset
+    model_options: dict[str, Any] = field(default_factory=dict)  # create_model overrides
+    init_weights: str | None = None  # a detector checkpoint to start from (fine-tuning)
+    # (ImageNet classifier name, its weights: a file or a published source such as 'official'): the backbone's
+    # initialisation, as the published recipes start from ImageNet weights (ignored with init_weights)
+    backbone_init: tuple[str, str] | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    recipe: Recipe = field(default_factory=Recipe)
+    batch_size: int = 2  # images per process (mmdetection's 2 per GPU x 8 GPUs = 16)
+    amp: Literal["none", "bf16", "fp16"] = "none"  # fp16 uses loss scaling
+    grad_clip: float | None = None  # max total gradient norm
+    seed: int = 0
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    sync_bn: bool = False  # BatchNorm statistics across processes (only where BN is trained)
+    eval_every: int = 1  # epochs between evaluations (0: only after the last epoch)
+    checkpoint_every: int = 0  # iterations between extra checkpoints (0: at the end of each epoch only)
+    keep_last: int = 3  # checkpoints kept besides best.pth
+    log_every: int = 20  # iterations between log lines
+    draw: int = 6  # validation images drawn after training
+    out_dir: str = "runs"
+    max_iters: int | None = None  # stop early (smoke runs); the schedule still follows ``recipe``
+    device: str = "auto"  # 'auto' = cuda (the local rank's GPU) when available, else cpu
+
+
+# ----------------------------------------------------------------------------------------------------- presets
+def _zoo_presets() -> dict[str, TrainConfig]:
+    from ..zoo import MODELS
+
+    presets = {}
+    for name, spec in MODELS.items():
+        if spec.task == "classification" or name.endswith("_tiny_fpn"):
+            continue
+        recipe = next((RECIPES[k] for k in ("20e", "2x", "1x") if f"_{k}_" in f"{name}_"), RECIPES["1x"])
+        data = DataConfig()
+        if name.startswith("htc") and getattr(spec.config.roi_head, "with_semantic", False):
+            data = DataConfig(stuff_dir="stuffthingmaps/train2017")
+        presets[name] = TrainConfig(model=name, recipe=recipe, data=data, backbone_init=_imagenet_init(name, spec))
+    return presets
+
+
+def _imagenet_init(name: str, spec: Any) -> tuple[str, str] | None:
+    """The ImageNet weights a zoo row's recipe starts from. mmdetection's Res2Net rows load the official v1b
+    (= its 'v1d') weights. PaddleDetection starts from its own ImageNet .pdparams (Res2Net50_vb/vd_26w_4s),
+    whose classifier key map res2det does not have: those presets start from scratch unless
+    ``backbone_init`` or ``init_weights`` is set."""
+    if getattr(spec.config, "conventions", "mmdet") == "paddle":
+        return None
+    return (f"res2net{spec.config.backbone.depth}_v1b_26w_4s", "official")
+
+
+# The README's main job: a small Res2Net Mask R-CNN trained from scratch on the embedded shapes set on a CPU.
+SHAPES = TrainConfig(
+    model="mask_rcnn_r2_tiny_fpn",
+    data=DataConfig(root=None, train_split="train", val_split="val", num_workers=1),
+    recipe=Recipe(epochs=6, milestones=(5,), base_lr=0.02, base_batch_size=4, warmup_iters=50),
+    batch_size=4,
+    eval_every=2,
+    log_every=10,
+    seed=0,
+)
+
+
+def presets() -> dict[str, TrainConfig]:
+    return {"shapes": SHAPES, **_zoo_presets()}
+
+
+def load_config(name_or_path: str) -> TrainConfig:
+    """A preset name, or a Python file defining ``config = TrainConfig(...)``."""
+    if name_or_path.endswith(".py"):
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise Res2DetError(f"{path}: config file not found")
+        config = runpy.run_path(str(path)).get("config")
+        if not isinstance(config, TrainConfig):
+            raise Res2DetError(f"{path}: must define `config = TrainConfig(...)`")
+        return config
+    known = presets()
+    if name_or_path not in known:
+        import difflib
+
+        close = difflib.get_close_matches(name_or_path, known, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; presets: {', '.join(sorted(known))}"
+        raise Res2DetError(f"unknown config {name_or_path!r}{hint}")
+    return known[name_or_path]
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check a parsed ``--set`` value against the field's annotation (lists become tuples)."""
+    if isinstance(value, list):
+        value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    options = args if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) else (annotation,)
+    for option in options:
+        o = typing.get_origin(option) or option
+        if option is type(None) and value is None:
+            return value
+        if o is Literal and value in typing.get_args(option):
+            return value
+        if o is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if o is Any or (isinstance(o, type) and o is not type(None) and isinstance(value, o)
+                        and not (o is int and isinstance(value, bool))):
+            return value
+    raise Res2DetError(f"--set {key}: {value!r} is not a valid value (expected {annotation})")
+
+
+def apply_settings(config: TrainConfig, settings: list[str]) -> TrainConfig:
+    """Apply ``dotted.key=value`` edits. Values are Python literals (``4``, ``0.01``, ``(1333, 800)``, ``None``);
+    anything else is taken as a string. ``model.NAME=value`` sets a ``create_model`` override."""
+    for item in settings:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise Res2DetError(f"--set expects key=value, got {item!r}")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        path = key.split(".")
+        if path[0] == "model" and len(path) == 2:
+            config = dataclasses.replace(config, model_options={**config.model_options, path[1]: value})
+            continue
+        config = _replace_path(config, path, value, key)
+    return config
+
+
+def _replace_path(obj: Any, path: list[str], value: Any, key: str) -> Any:
+    hints = typing.get_type_hints(type(obj))
+    name = path[0]
+    if name not in hints or not dataclasses.is_dataclass(obj):
+        known = ", ".join(f.name for f in dataclasses.fields(obj)) if dataclasses.is_dataclass(obj) else ""
+        raise Res2DetError(f"--set {key}: no field {name!r} in {type(obj).__name__} (fields: {known})")
+    if len(path) > 1:
+        return dataclasses.replace(obj, **{name: _replace_path(getattr(obj, name), path[1:], value, key)})
+    return dataclasses.replace(obj, **{name: _coerce(value, hints[name], key)})
+
+
+def config_to_dict(config: TrainConfig) -> dict[str, Any]:
+    """A JSON-able view (saved in the run folder and in checkpoints)."""
+    out = dataclasses.asdict(config)
+    out["model_options"] = {k: v if isinstance(v, (int, float, str, bool, type(None), list, tuple)) else repr(v)
+                            for k, v in config.model_options.items()}
+    return out

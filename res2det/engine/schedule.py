@@ -1,0 +1,36 @@
+"""Optimiser and learning-rate schedule of the recipes (stepped once per iteration)."""
+from __future__ import annotations
+
+import bisect
+
+import torch
+from torch import nn
+
+from .config import Recipe
+
+
+def scaled_lr(recipe: Recipe, total_batch_size: int) -> float:
+    """The linear scaling rule: ``base_lr`` per ``base_batch_size`` images."""
+    return recipe.base_lr * total_batch_size / recipe.base_batch_size
+
+
+def build_optimizer(model: nn.Module, recipe: Recipe, total_batch_size: int) -> torch.optim.SGD:
+    params = [p for p in model.parameters() if p.requires_grad]  # frozen stages take no step
+    return torch.optim.SGD(params, lr=scaled_lr(recipe, total_batch_size), momentum=recipe.momentum,
+                           weight_decay=recipe.weight_decay)
+
+
+def lr_factor(iteration: int, iters_per_epoch: int, recipe: Recipe) -> float:
+    """Multiplier of the scaled lr at a 0-based global iteration: linear warm-up from ``warmup_ratio`` over
+    ``warmup_iters``, times ``gamma`` for each milestone epoch already completed."""
+    epoch = iteration // max(iters_per_epoch, 1)
+    factor = recipe.gamma ** bisect.bisect_right(sorted(recipe.milestones), epoch)
+    if iteration < recipe.warmup_iters:
+        k = iteration / recipe.warmup_iters
+        factor *= recipe.warmup_ratio + (1 - recipe.warmup_ratio) * k
+    return factor
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, iters_per_epoch: int
+                    ) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, iters_per_epoch, recipe))

@@ -1,0 +1,312 @@
+"""The training loop: DDP-aware, mixed precision, exact resume, atomic checkpoints, evaluation, logging."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..checkpoint import atomic_write
+from ..errors import Res2DetError
+from .checkpoints import CheckpointManager, load_training_checkpoint, rng_state, set_rng_state
+from .config import TrainConfig, config_to_dict
+from .distributed import DistInfo, all_reduce_mean, any_rank, barrier, broadcast_object, init_distributed
+from .plot import plot_training
+from .schedule import build_optimizer, build_scheduler
+
+
+class NonFiniteLossError(Res2DetError):
+    """A loss term became NaN or infinite; the weights were not updated with it."""
+
+
+# ------------------------------------------------------------------------------------------------------ set-up
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_dataset(cfg: TrainConfig, preprocess: Any, split: str):
+    """The ``'train'`` or ``'val'`` dataset of ``cfg.data`` (the embedded shapes set when ``root`` is None)."""
+    from ..data import CocoDataset, shapes_dataset
+
+    d = cfg.data
+    root = Path(d.root) if d.root is not None else shapes_dataset()
+    name = d.train_split if split == "train" else d.val_split
+    ann = root / "annotations" / f"instances_{name}.json"
+    if not ann.is_file():
+        raise Res2DetError(f"{ann}: annotation file not found (a COCO-format data root holds "
+                           f"annotations/instances_{name}.json and {name}/; set --data or data.root)")
+    common = dict(preprocess=preprocess, scale=d.scale, on_bad=d.on_bad)
+    if split == "train":
+        return CocoDataset(ann, root / name, train=True, flip_prob=d.flip_prob, scale_range=d.train_scale_range,
+                           stuff_dir=(root / d.stuff_dir) if d.stuff_dir else None, **common)
+    return CocoDataset(ann, root / name, train=False, **common)
+
+
+def build_model(cfg: TrainConfig, class_names: tuple[str, ...]) -> nn.Module:
+    from ..zoo import create_model
+
+    options = {**cfg.model_options, "num_classes": len(class_names), "class_names": tuple(class_names)}
+    model = create_model(cfg.model, **options)
+    if cfg.init_weights:
+        from ..zoo import get_spec, load_weights
+
+        load_weights(model, get_spec(cfg.model), cfg.init_weights)
+    elif cfg.backbone_init:
+        from ..zoo import load_backbone_weights
+
+        classifier, weights = cfg.backbone_init
+        load_backbone_weights(model, weights, classifier=classifier)
+    return model
+
+
+def _memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS (KiB on Linux)
+
+
+def new_run_dir(out_dir: str | Path, name: str) -> Path:
+    """``out_dir/name``, or ``name-2``, ``name-3``... so that an earlier run is never overwritten."""
+    base = Path(out_dir) / name
+    run, k = base, 1
+    while run.exists():
+        k += 1
+        run = base.with_name(f"{name}-{k}")
+    return run
+
+
+def latest_run_dir(out_dir: str | Path, name: str) -> Path | None:
+    runs = [p for p in Path(out_dir).glob(f"{name}*") if (p / "latest").is_file()]
+    return max(runs, key=lambda p: (p / "latest").stat().st_mtime) if runs else None
+
+
+# ----------------------------------------------------------------------------------------------------- training
+class Trainer:
+    """``Trainer(cfg, run_dir).fit()``; ``resume`` = a checkpoint path, or True for ``run_dir/latest``."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, resume: str | Path | bool | None = None,
+                 progress: bool = True, dist: DistInfo | None = None):
+        self.cfg = cfg
+        self.dist = dist or init_distributed(cfg.device)
+        self.run_dir = Path(run_dir)
+        self.progress = progress and self.dist.is_main
+        seed_everything(cfg.seed)  # the same initial weights on every rank
+        from ..zoo import get_spec
+
+        preprocess = get_spec(cfg.model).preprocess
+        self.train_set = build_dataset(cfg, preprocess, "train")
+        self.val_set = build_dataset(cfg, preprocess, "val")
+        self.model = build_model(cfg, self.train_set.class_names).to(self.dist.device)
+        if cfg.sync_bn and self.dist.distributed:
+            if self.dist.device.type != "cuda":
+                raise Res2DetError("sync_bn needs GPUs (PyTorch's SyncBatchNorm has no CPU implementation)")
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        from ..data import AspectRatioBatchSampler
+
+        self.sampler = AspectRatioBatchSampler(self.train_set.aspect_groups, cfg.batch_size, train=True,
+                                               seed=cfg.seed, rank=self.dist.rank, world_size=self.dist.world_size)
+        self.iters_per_epoch = len(self.sampler)
+        if self.iters_per_epoch == 0:
+            raise Res2DetError(f"{len(self.train_set)} training images make no batch of {cfg.batch_size} "
+                               f"on {self.dist.world_size} process(es)")
+        self.optimizer = build_optimizer(self.model, cfg.recipe, cfg.batch_size * self.dist.world_size)
+        self.scheduler = build_scheduler(self.optimizer, cfg.recipe, self.iters_per_epoch)
+        self.scaler = torch.amp.GradScaler(self.dist.device.type, enabled=cfg.amp == "fp16")
+        self.ckpt = CheckpointManager(self.run_dir, cfg.keep_last)
+        self.iteration, self.best = 0, None
+        seed_everything(cfg.seed + self.dist.rank)  # sampling inside the heads differs per rank
+        if resume:
+            self._resume(self.ckpt.latest() if resume is True else Path(resume))
+        self.ddp = self.model
+        if self.dist.distributed:
+            ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
+            self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.max_iters = cfg.recipe.epochs * self.iters_per_epoch
+        if cfg.max_iters is not None:
+            self.max_iters = min(self.max_iters, cfg.max_iters)
+
+    # -------------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "epoch": self.iteration // self.iters_per_epoch, "iteration": self.iteration, "rng": rng_state(),
+                "best": self.best, "model_name": self.cfg.model, "config": json.dumps(config_to_dict(self.cfg))}
+
+    def _resume(self, path: Path | None) -> None:
+        if path is None:
+            raise Res2DetError(f"{self.run_dir}: nothing to resume (no 'latest' checkpoint there)")
+        state = load_training_checkpoint(path)
+        if state.get("model_name") != self.cfg.model:
+            raise Res2DetError(f"{path}: a checkpoint of {state.get('model_name')!r}, not {self.cfg.model!r}")
+        from ..checkpoint import load_state_dict_strict
+
+        load_state_dict_strict(self.model, state["model"], source=str(path))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.iteration, self.best = int(state["iteration"]), state["best"]
+        best_file = self.run_dir / "best.json"  # evaluations run after their checkpoint is written
+        if best_file.is_file():
+            b = json.loads(best_file.read_text())
+            self.best = (b["metric"], b["value"], b["epoch"])
+        set_rng_state(state["rng"])
+        if self.dist.distributed:  # each rank's own sampling stream continues from its own offset
+            torch.manual_seed(self.cfg.seed + self.dist.rank + self.iteration)
+
+    def _save(self) -> Path | None:
+        path = None
+        if self.dist.is_main:
+            path = self.ckpt.save(self.state_dict(), self.iteration)
+        barrier(self.dist)
+        return path
+
+    # -------------------------------------------------------------------------------------------- loop
+    def fit(self) -> dict[str, Any]:
+        cfg, dev = self.cfg, self.dist.device
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
+        log = self.run_dir / "log.jsonl"
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.max_iters, initial=self.iteration, unit="it", dynamic_ncols=True,
+                       desc=f"train {cfg.model}")
+        metrics: dict[str, float] = {}
+        window: list[torch.Tensor] = []
+        names: list[str] = []
+        t0 = time.perf_counter()
+        self.model.train()
+        while self.iteration < self.max_iters:
+            epoch = self.iteration // self.iters_per_epoch
+            skip = self.iteration - epoch * self.iters_per_epoch  # batches this epoch already ran (resume)
+            for images, targets, sizes, _ in self._batches(epoch, skip):
+                if self.iteration >= self.max_iters:
+                    break
+                losses = self._step(images.to(dev, non_blocking=True),
+                                    [{k: v.to(dev, non_blocking=True) for k, v in t.items()} for t in targets],
+                                    sizes)
+                self.iteration += 1
+                if losses is not None:
+                    names = list(losses)
+                    window.append(torch.stack([v.detach().float() for v in losses.values()]))
+                if bar is not None:
+                    bar.update(1)
+                if self.iteration % cfg.log_every == 0 and window:
+                    self._log(log, window, names, epoch, t0, bar)
+                    window = []
+                if cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0:
+                    self._save()
+            epoch_done = self.iteration % self.iters_per_epoch == 0
+            finished = self.iteration >= self.max_iters
+            if epoch_done or finished:
+                if window:
+                    self._log(log, window, names, epoch, t0, bar)
+                    window = []
+                path = self._save()
+                done_epochs = math.ceil(self.iteration / self.iters_per_epoch)
+                if finished or (cfg.eval_every and done_epochs % cfg.eval_every == 0):
+                    metrics = self.evaluate(done_epochs, log, path)
+                    self.model.train()
+        if bar is not None:
+            bar.close()
+        return {"run_dir": str(self.run_dir), "iterations": self.iteration, "metrics": metrics,
+                "seconds": time.perf_counter() - t0}
+
+    def _batches(self, epoch: int, start: int):
+        """The epoch's batches from the ``start``-th on. Each sample's augmentation is seeded by the sampler,
+        so a resumed epoch sees exactly the batches the interrupted one would have."""
+        from torch.utils.data import DataLoader
+
+        from ..data import collate
+
+        self.sampler.set_epoch(epoch)
+        batches = list(self.sampler)[start:]
+        workers = self.cfg.data.num_workers if len(batches) > 1 else 0
+        # its own generator: creating the iterator must not draw from the global RNG, or a resumed run's
+        # sampling inside the heads would drift from the uninterrupted run's
+        return DataLoader(self.train_set, batch_sampler=batches, collate_fn=collate, num_workers=workers,
+                          pin_memory=self.dist.device.type == "cuda", generator=torch.Generator())
+
+    def _step(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]], sizes) -> dict | None:
+        cfg = self.cfg
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+        buffers = [b.detach().clone() for b in self.model.buffers()]  # BN statistics, restored after a bad step
+        with torch.autocast(self.dist.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            losses = self.ddp(images, image_sizes=sizes, targets=targets)
+        bad = [k for k, v in losses.items() if not torch.isfinite(v.detach()).all()]
+        if any_rank(bool(bad), self.dist):
+            with torch.no_grad():
+                for b, saved in zip(self.model.buffers(), buffers):
+                    b.copy_(saved)
+            message = (f"non-finite loss at iteration {self.iteration + 1} (epoch {self.iteration // self.iters_per_epoch + 1})"
+                       f": {', '.join(f'{k}={losses[k].item()}' for k in bad) or 'on another rank'}")
+            if cfg.on_nonfinite == "skip":
+                if self.dist.is_main:
+                    print(f"warning: {message}; step skipped", flush=True)
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scheduler.step()
+                return None
+            raise NonFiniteLossError(f"{message}; training stopped before the update, the weights are those of "
+                                     f"iteration {self.iteration} (set on_nonfinite='skip' to skip such steps)")
+        total = sum(losses.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        if cfg.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return losses
+
+    def _log(self, log: Path, window: list[torch.Tensor], names: list[str], epoch: int, t0: float, bar) -> None:
+        mean = all_reduce_mean(torch.stack(window).mean(0).to(self.dist.device), self.dist).tolist()
+        record = {"kind": "train", "iter": self.iteration, "epoch": epoch + 1,
+                  "lr": self.optimizer.param_groups[0]["lr"], "loss": sum(mean), **dict(zip(names, mean)),
+                  "memory_mb": round(_memory_mb(self.dist.device), 1), "time": round(time.perf_counter() - t0, 2)}
+        if self.dist.is_main:
+            with open(log, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if bar is not None:
+                terms = {k[len("loss_"):]: f"{record[k]:.3f}" for k in names}
+                bar.set_postfix(loss=f"{record['loss']:.3f}", **terms, lr=f"{record['lr']:.2e}",
+                                mem=f"{record['memory_mb']:.0f}M", refresh=False)
+            else:
+                print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()),
+                      flush=True)
+
+    # -------------------------------------------------------------------------------------------- evaluation
+    def evaluate(self, epoch: int, log: Path, checkpoint: Path | None) -> dict[str, float]:
+        from ..evaluation import evaluate_model
+
+        out = self.run_dir / "eval" / f"epoch_{epoch}"
+        metrics = evaluate_model(self.model, self.val_set, batch_size=self.cfg.batch_size, device=self.dist.device,
+                                 out_dir=out, progress=self.progress)
+        if self.dist.is_main:
+            key = "segm_AP" if "segm_AP" in metrics else "bbox_AP"
+            record = {"kind": "eval", "iter": self.iteration, "epoch": epoch, **metrics}
+            with open(log, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if checkpoint is not None and (self.best is None or metrics[key] > self.best[1]):
+                self.best = (key, metrics[key], epoch)
+                self.ckpt.mark_best(checkpoint)
+                atomic_write(self.run_dir / "best.json", lambda tmp: Path(tmp).write_text(json.dumps(
+                    {"metric": key, "value": metrics[key], "epoch": epoch, "checkpoint": checkpoint.name}) + "\n"))
+            records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+            plot_training(records, self.run_dir / "plot.png")
+        self.best = broadcast_object(self.best, self.dist)
+        return metrics
