@@ -31,6 +31,7 @@ def _check(model, name, tmp_path, size, ref=None):
     assert len(ref) == model.roi_head.test_cfg.max_per_img  # the seeded weights give real detections
     worst = match_detections(ref, got, max_per_img=model.roi_head.test_cfg.max_per_img)
     print(f"{name} ({'fixed ' + 'x'.join(map(str, size)) if size else 'dynamic'}): {worst}")
+    assert worst["pairs"] == len(ref) == len(got)  # on this photo: every detection has its counterpart
     return worst
 
 
