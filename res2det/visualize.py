@@ -20,7 +20,7 @@ def label_color(label: int) -> tuple[int, int, int]:
     return int(r * 255 + 0.5), int(g * 255 + 0.5), int(b * 255 + 0.5)
 
 
-def _font(size: int) -> ImageFont.ImageFont:
+def load_font(size: int) -> ImageFont.ImageFont:
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1: the fixed bitmap font only
@@ -69,7 +69,7 @@ def draw_detections(image_rgb_uint8: ImageLike, detections: Any, *, score_thr: f
 
     draw = ImageDraw.Draw(img)
     line = max(1, round(min(h, w) / 300))
-    font = _font(max(10, min(24, round(min(h, w) / 40))))
+    font = load_font(max(10, min(24, round(min(h, w) / 40))))
     for i in order:
         color = label_color(labels[i])
         x1, y1, x2, y2 = (float(v) for v in boxes[i])

@@ -190,7 +190,7 @@ def test_merge_puts_runs_side_by_side(tmp_path, capsys):
 _NO_PYCOCOTOOLS = "import sys, runpy; sys.modules['pycocotools'] = None\n"
 
 
-@pytest.mark.parametrize("entry", ["res2det.cli.benchmark", "res2det.cli.main benchmark"])
+@pytest.mark.parametrize("entry", ["res2det.cli.main benchmark"])
 def test_benchmark_runs_without_pycocotools(entry, tmp_path):
     """The GPU images have no pycocotools: `res2det benchmark` (and what --all runs per model) must not need it."""
     module, *sub = entry.split()

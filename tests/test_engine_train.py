@@ -172,13 +172,17 @@ def _ddp_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
     cfg = tiny_config(Path(root), checkpoint_every=0)
     trainer = Trainer(cfg, Path(out) / "run", progress=False)
     summary = trainer.fit()
-    torch.save({"state": trainer.model.state_dict(), "summary": summary, "batches": trainer.iters_per_epoch},
-               Path(out) / f"rank{rank}.pth")
+    # the same run stopped after epoch 1 and resumed: each rank continues its own sampling stream exactly
+    Trainer(dataclasses.replace(cfg, max_iters=2), Path(out) / "stopped", progress=False).fit()
+    resumed = Trainer(cfg, Path(out) / "stopped", resume=True, progress=False)
+    resumed.fit()
+    torch.save({"state": trainer.model.state_dict(), "summary": summary, "batches": trainer.iters_per_epoch,
+                "resumed": resumed.model.state_dict()}, Path(out) / f"rank{rank}.pth")
     torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_ddp_two_cpu_processes_stay_in_sync(shapes_root, tmp_path):
+def test_ddp_two_cpu_processes_stay_in_sync_and_resume_exactly(shapes_root, tmp_path):
     torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(shapes_root), str(tmp_path)), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pth", weights_only=False) for r in (0, 1))
     assert r0["batches"] == r1["batches"] == 2  # 8 images, 2 per process: half the single-process iterations
@@ -192,6 +196,8 @@ def test_ddp_two_cpu_processes_stay_in_sync(shapes_root, tmp_path):
     assert not diverged, f"ranks diverged: {diverged[:5]}"
     assert all(not torch.equal(s0[k], fresh.state_dict()[k]) for k in ("roi_head.bbox_head.fc_cls.weight",
                                                                         "backbone.layer4.0.conv3.weight"))
+    for r in (r0, r1):
+        assert all(torch.equal(r["state"][k], r["resumed"][k]) for k in r["state"]), "resume is not exact"
     # rank 0 alone writes the run folder: one checkpoint per epoch
     assert sorted(p.name for p in (tmp_path / "run").glob("iter_*.pth")) == ["iter_0000002.pth", "iter_0000004.pth"]
     assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 2 + 1  # 4 iterations / 2, one eval

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from .. import __version__
 from ..checkpoint import atomic_write, cache_dir
 from ..errors import Res2DetError
+from .common import text_table
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the res2det package
 README = PACKAGE_ROOT / "README.md"
@@ -609,13 +610,6 @@ def rewrite_block(path: Path, marker: str, content: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(new, encoding="utf-8"))
 
 
-def _text_table(rows: list[list[str]], header: list[str]) -> str:
-    # (as cli.main._table; not imported from there, whose imports reach pycocotools, absent on some GPU images)
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
-
-
 def terminal_table(results: list[dict]) -> str:
     rows = []
     for r in results:
@@ -629,7 +623,7 @@ def terminal_table(results: list[dict]) -> str:
                      f"{train['step_ms'] / 1000:.2f} s, {train['images_per_s']:.2f} img/s, "
                      f"{_fmt_mb(train['peak_memory_mb'])} MiB" if train else "-"])
     header = ["model", "input", "params (M)", "GFLOPs", "latency ms", "fps", "peak MiB", "train step"]
-    return _text_table(rows, header)
+    return text_table(rows, header)
 
 
 # ------------------------------------------------------------------------------------------ --all
@@ -644,7 +638,7 @@ def run_isolated(name: str, options: list[str]) -> dict[str, Any]:
     colour the next one's); returns its JSON record, or ``{"model", "error"}``."""
     with tempfile.TemporaryDirectory(prefix="res2det-bench-") as tmp:
         out = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "res2det.cli.benchmark", name, *options, "--json", str(out)]
+        cmd = [sys.executable, "-m", "res2det.cli.main", "benchmark", name, *options, "--json", str(out)]
         # the child's progress goes on to our stderr as it comes; its last lines name the error, if any
         proc = subprocess.Popen(cmd, env=_child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         tail = b""
@@ -815,22 +809,3 @@ def cmd_benchmark(args) -> None:
             print(f"zoo table rewritten in {target}")
         if failed:
             raise Res2DetError(f"{len(failed)} model(s) failed: {', '.join(failed)} (see the messages above)")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m res2det.cli.benchmark ...`` = ``res2det benchmark ...``, importing only what benchmarking needs
-    (no pycocotools): what ``--all`` runs for each model."""
-    parser = argparse.ArgumentParser(prog="res2det benchmark", description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    configure_parser(parser)
-    args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except Res2DetError as e:
-        print(f"res2det: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,12 +13,7 @@ import torch
 from .. import __version__
 from ..checkpoint import atomic_write
 from ..errors import Res2DetError
-
-
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
-    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+from .common import run, text_table
 
 
 def cmd_list(args) -> None:
@@ -60,7 +55,7 @@ def cmd_zoo(args) -> None:
             rows.append(row)
     header = ["model", "task", "origin", "published (source: figures as published)", "file"]
     header += ["params (M)", "GFLOPs"] if measured else []
-    print(_table(rows, header + ["source URL"]))
+    print(text_table(rows, header + ["source URL"]))
     print("\npublished: the publisher's own figures (top-1 %, COCO box / mask AP, training memory, fps on their "
           "hardware); 'paddle-static' files are PaddleDetection's static-graph releases, listed, not loadable.")
     if measured:
@@ -277,13 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except Res2DetError as e:
-        print(f"res2det: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -7,14 +7,14 @@ from typing import Sequence
 
 from PIL import Image, ImageDraw
 
-from ..visualize import _font, label_color
+from ..visualize import label_color, load_font
 
 W, H, PAD = 640, 300, 48
 
 
 def _panel(draw: ImageDraw.ImageDraw, top: int, title: str, series: dict[str, Sequence[tuple[float, float]]],
            xlabel: str) -> None:
-    font = _font(12)
+    font = load_font(12)
     x0, y0, x1, y1 = PAD, top + 24, W - 140, top + H - PAD // 2
     draw.text((PAD, top + 4), title, fill=(0, 0, 0), font=font)
     draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))

@@ -1,7 +1,7 @@
 """The training loop: DDP-aware, mixed precision, exact resume, atomic checkpoints, evaluation, logging."""
 from __future__ import annotations
 
-import dataclasses
+import io
 import json
 import math
 import resource
@@ -125,7 +125,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.recipe, self.iters_per_epoch)
         self.scaler = torch.amp.GradScaler(self.dist.device.type, enabled=cfg.amp == "fp16")
         self.ckpt = CheckpointManager(self.run_dir, cfg.keep_last)
-        self.iteration, self.best = 0, None
+        self.iteration, self.best, self._saved_at = 0, None, -1
         seed_everything(cfg.seed + self.dist.rank)  # sampling inside the heads differs per rank
         if resume:
             self._resume(self.ckpt.latest() if resume is True else Path(resume))
@@ -138,11 +138,13 @@ class Trainer:
             self.max_iters = min(self.max_iters, cfg.max_iters)
 
     # -------------------------------------------------------------------------------------------- state
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, rng: list[dict] | None = None) -> dict[str, Any]:
+        """Everything to continue exactly; ``rng`` holds every rank's RNG states (default: this process's)."""
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "epoch": self.iteration // self.iters_per_epoch, "iteration": self.iteration, "rng": rng_state(),
-                "best": self.best, "model_name": self.cfg.model, "config": json.dumps(config_to_dict(self.cfg))}
+                "epoch": self.iteration // self.iters_per_epoch, "iteration": self.iteration,
+                "rng": rng or [rng_state()], "best": self.best, "model_name": self.cfg.model,
+                "config": json.dumps(config_to_dict(self.cfg))}
 
     def _resume(self, path: Path | None) -> None:
         if path is None:
@@ -161,14 +163,24 @@ class Trainer:
         if best_file.is_file():
             b = json.loads(best_file.read_text())
             self.best = (b["metric"], b["value"], b["epoch"])
-        set_rng_state(state["rng"])
-        if self.dist.distributed:  # each rank's own sampling stream continues from its own offset
+        rng = state["rng"]
+        if len(rng) == self.dist.world_size:  # each rank continues its own sampling stream
+            set_rng_state(rng[self.dist.rank])
+        else:  # resumed on another number of processes: a fresh stream per rank
             torch.manual_seed(self.cfg.seed + self.dist.rank + self.iteration)
 
     def _save(self) -> Path | None:
-        path = None
-        if self.dist.is_main:
-            path = self.ckpt.save(self.state_dict(), self.iteration)
+        """Write a checkpoint on rank 0 (once per iteration) with every rank's RNG states."""
+        if self._saved_at == self.iteration:
+            return self.ckpt.latest() if self.dist.is_main else None
+        self._saved_at = self.iteration
+        rng = [rng_state()]
+        if self.dist.distributed:  # as bytes: object collectives fail on tensors' storages (torch 2.13, gloo)
+            buffer, blobs = io.BytesIO(), [None] * self.dist.world_size
+            torch.save(rng[0], buffer)
+            torch.distributed.all_gather_object(blobs, buffer.getvalue())
+            rng = [torch.load(io.BytesIO(b), weights_only=True) for b in blobs]
+        path = self.ckpt.save(self.state_dict(rng), self.iteration) if self.dist.is_main else None
         barrier(self.dist)
         return path
 
