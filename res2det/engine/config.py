@@ -111,7 +111,7 @@ def _imagenet_init(name: str, spec: Any) -> tuple[str, str] | None:
 SHAPES = TrainConfig(
     model="mask_rcnn_r2_tiny_fpn",
     data=DataConfig(root=None, train_split="train", val_split="val", num_workers=1),
-    recipe=Recipe(epochs=5, milestones=(4,), base_lr=0.02, base_batch_size=4, warmup_iters=50),
+    recipe=Recipe(epochs=4, milestones=(3,), base_lr=0.02, base_batch_size=4, warmup_iters=50),
     batch_size=4,
     eval_every=2,
     log_every=10,
