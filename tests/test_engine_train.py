@@ -104,6 +104,15 @@ def test_nonfinite_loss_stops_before_the_update_or_skips(shapes_root, tmp_path):
     assert all(torch.isfinite(v).all() for v in trainer.model.state_dict().values() if v.is_floating_point())
 
 
+def test_gradient_clipping_bounds_the_update(shapes_root, tmp_path):
+    trainer = Trainer(tiny_config(shapes_root, grad_clip=0.5), tmp_path / "run", progress=False)
+    trainer.model.train()
+    images, targets, sizes, _ = next(iter(trainer._batches(0, 0)))
+    trainer._step(images, targets, sizes)
+    grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]  # unclipped: a norm of about 6.5
+    assert torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) <= 0.5 + 1e-5
+
+
 def test_bf16_autocast_step_on_cpu(shapes_root, tmp_path):
     trainer = Trainer(tiny_config(shapes_root, amp="bf16", max_iters=1), tmp_path / "run", progress=False)
     images, targets, sizes, _ = next(iter(trainer._batches(0, 0)))
