@@ -1,4 +1,5 @@
-"""The README's main job (`res2det demo`) and the published-weights download path of a detector."""
+"""`res2det demo` (the R2-101 Mask R-CNN on a real photo) and the published-weights download path of a detector.
+The README's main job, `res2det train shapes`, is exercised by tests/test_engine_train.py."""
 from __future__ import annotations
 
 import dataclasses
