@@ -189,7 +189,8 @@ class Trainer:
         cfg, dev = self.cfg, self.dist.device
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
+            text = json.dumps(config_to_dict(cfg), indent=2) + "\n"
+            atomic_write(self.run_dir / "config.json", lambda tmp: Path(tmp).write_text(text))
         log = self.run_dir / "log.jsonl"
         bar = None
         if self.progress:
