@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import runpy
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,7 +149,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if isinstance(value, list):
         value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    options = args if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) else (annotation,)
+    options = args if origin in (typing.Union, types.UnionType) else (annotation,)
     for option in options:
         o = typing.get_origin(option) or option
         if option is type(None) and value is None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-import torch
 from torch import Tensor
 
 from ..backbones import BackboneConfig
@@ -86,28 +85,14 @@ class CascadeDetector(TwoStageDetector):
 
     def loss(self, images: Tensor, targets: Sequence[Mapping[str, Tensor]],
              image_sizes: ImageSizes | None = None) -> dict[str, Tensor]:
-        sizes = self._sizes(images, image_sizes)
-        if len(targets) != images.shape[0]:
-            raise ValueError(f"{len(targets)} targets for a batch of {images.shape[0]}")
-        gt_boxes = [t["boxes"].to(images.device, torch.float32).reshape(-1, 4) for t in targets]
-        gt_labels = [t["labels"].to(images.device, torch.long).reshape(-1) for t in targets]
-        gt_masks = None
-        if self.roi_head.with_mask:
-            if any("masks" not in t for t in targets):
-                raise ValueError("a mask model needs 'masks' in every target")
-            gt_masks = [t["masks"].to(images.device) for t in targets]
-        _, pyramid = self.extract_feat(images)
-        cls_scores, bbox_preds = self.rpn_head(pyramid)
-        losses = self.rpn_head.loss(cls_scores, bbox_preds, gt_boxes, sizes)
-        proposals = self.rpn_head.predict_proposals(cls_scores, bbox_preds, sizes,
-                                                    cfg=self.rpn_head.train_cfg.proposals)
+        t = self._rpn_loss(images, targets, image_sizes)
         semantic = None
         if getattr(self.roi_head, "with_semantic", False):
-            semantic, loss_seg = self.roi_head.semantic_loss(pyramid, targets, images.shape[-2:])
-            losses["loss_semantic_seg"] = loss_seg
-        losses.update(self.roi_head.loss(pyramid, [p[0] for p in proposals], gt_boxes, gt_labels, gt_masks,
-                                         image_sizes=sizes, semantic=semantic))
-        return losses
+            semantic, loss_seg = self.roi_head.semantic_loss(t.pyramid, targets, images.shape[-2:])
+            t.losses["loss_semantic_seg"] = loss_seg
+        t.losses.update(self.roi_head.loss(t.pyramid, t.proposals, t.gt_boxes, t.gt_labels, t.gt_masks,
+                                           image_sizes=t.sizes, semantic=semantic))
+        return t.losses
 
 
 def build_cascade_detector(cfg: CascadeDetectorConfig) -> CascadeDetector:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -202,19 +202,40 @@ class TwoStageDetector(nn.Module):
 
     def loss(self, images: Tensor, targets: Sequence[Mapping[str, Tensor]],
              image_sizes: ImageSizes | None = None) -> dict[str, Tensor]:
+        t = self._rpn_loss(images, targets, image_sizes)
+        t.losses.update(self.roi_head.loss(t.pyramid, t.proposals, t.gt_boxes, t.gt_labels, t.gt_masks))
+        return t.losses
+
+    def _rpn_loss(self, images: Tensor, targets: Sequence[Mapping[str, Tensor]],
+                  image_sizes: ImageSizes | None) -> "_RPNStep":
+        """What every two-stage loss starts with: checked targets on the input's device, the pyramid, the RPN
+        losses and the training proposals (per image ``[P, 4]``)."""
         sizes = self._sizes(images, image_sizes)
         if len(targets) != images.shape[0]:
             raise ValueError(f"{len(targets)} targets for a batch of {images.shape[0]}")
         gt_boxes = [t["boxes"].to(images.device, torch.float32).reshape(-1, 4) for t in targets]
         gt_labels = [t["labels"].to(images.device, torch.long).reshape(-1) for t in targets]
-        gt_masks = [t["masks"].to(images.device) for t in targets] if self.roi_head.with_mask else None
+        gt_masks = None
+        if self.roi_head.with_mask:
+            if any("masks" not in t for t in targets):
+                raise ValueError("a mask model needs 'masks' in every target")
+            gt_masks = [t["masks"].to(images.device) for t in targets]
         _, pyramid = self.extract_feat(images)
         cls_scores, bbox_preds = self.rpn_head(pyramid)
         losses = self.rpn_head.loss(cls_scores, bbox_preds, gt_boxes, sizes)
         proposals = self.rpn_head.predict_proposals(cls_scores, bbox_preds, sizes,
                                                     cfg=self.rpn_head.train_cfg.proposals)
-        losses.update(self.roi_head.loss(pyramid, [p[0] for p in proposals], gt_boxes, gt_labels, gt_masks))
-        return losses
+        return _RPNStep(sizes, pyramid, gt_boxes, gt_labels, gt_masks, losses, [p[0] for p in proposals])
+
+
+class _RPNStep(NamedTuple):
+    sizes: list[tuple[int, int]]
+    pyramid: list[Tensor]
+    gt_boxes: list[Tensor]
+    gt_labels: list[Tensor]
+    gt_masks: list[Tensor] | None
+    losses: dict[str, Tensor]
+    proposals: list[Tensor]
 
 
 def _clip(boxes: Tensor, h: int, w: int) -> Tensor:
