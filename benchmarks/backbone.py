@@ -1,6 +1,7 @@
 """Backbone benchmark: params, MACs and latency of Res2Net-50/101 vs ResNet-50/101, eager vs optimised.
 
     python benchmarks/backbone.py [--json OUT] [--repeats 15] [--threads 2] [--device cpu|cuda] [--amp] [--markdown]
+                                  [--models NAME ...] [--settings b1_224 ...] [--profile]
 
 Latency is the median over ``--repeats`` timed calls after warm-up, in eval mode (on CUDA with
 ``torch.cuda.synchronize`` around each call; defaults 3 + 15 calls on CPU, 10 + 50 on CUDA). All variants of
@@ -56,6 +57,17 @@ def time_interleaved(fns: dict, x: torch.Tensor, *, warmup: int, repeats: int, d
     return {k: statistics.median(v) * 1000 for k, v in times.items()}
 
 
+def print_profile(label: str, fn, x: torch.Tensor, calls: int = 3) -> None:
+    """Where the time goes: torch.profiler's ops by self time over ``calls`` calls (``--profile``)."""
+    from torch.profiler import profile
+
+    with torch.inference_mode(), profile() as prof:
+        for _ in range(calls):
+            fn(x)
+    print(f"\n{label}: {calls} calls")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
 def write_json(path: Path | None, result: dict) -> None:
     if path:
         text = json.dumps(result, indent=2)
@@ -85,6 +97,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--amp", action="store_true", help="autocast to fp16 (cuda) / bf16 (cpu) for every variant")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--markdown", action="store_true", help="also print the table as README markdown")
+    ap.add_argument("--profile", action="store_true", help="also print each optimised model's top ops")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -126,6 +139,8 @@ def main(argv=None) -> dict:
 
             fns[f"{name}|eager"] = wrap(model)
             fns[f"{name}|optimised"] = wrap(opt)
+            if args.profile:
+                print_profile(f"{setting} {name} optimised", fns[f"{name}|optimised"], x)
         repeats = min(args.repeats, 7) if h * w > 500_000 and not cuda else args.repeats
         ms = time_interleaved(fns, x, warmup=args.warmup, repeats=repeats, device=args.device)
         for name in args.models:

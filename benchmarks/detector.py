@@ -1,7 +1,7 @@
 """Detector benchmark: params, GMACs and latency per image at 800x1333, eager vs optimised.
 
     python benchmarks/detector.py [--models NAME ...] [--repeats 3] [--threads 2] [--device cpu|cuda] [--amp]
-                                  [--json OUT]
+                                  [--json OUT] [--profile]
 
 Default: every detector in the zoo (mmdetection and PaddleDetection rows).
 
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import res2det  # noqa: E402
-from backbone import time_interleaved, write_json  # noqa: E402
+from backbone import print_profile, time_interleaved, write_json  # noqa: E402
 from res2det.cli.benchmark import full_load_overrides  # noqa: E402
 
 try:
@@ -91,6 +91,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--amp", action="store_true", help="autocast to fp16 (cuda) / bf16 (cpu) for both variants")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--profile", action="store_true", help="also print each optimised model's top ops")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -121,6 +122,8 @@ def main(argv=None) -> dict:
                     return f(inp)
             return run
 
+        if args.profile:
+            print_profile(f"{name} optimised", wrap(opt), x, calls=1)
         ms = time_interleaved({"eager": wrap(model), "optimised": wrap(opt)}, x, warmup=args.warmup,
                               repeats=args.repeats, device=args.device)
         rows.append(dict(model=name, params_m=count_params(model) / 1e6, gmacs=count_macs(model, x) / 1e9,

@@ -46,14 +46,16 @@ def test_inference_form_matches_for_every_stage_block_style(style):
             assert (a - b).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("stride", [1, 2])  # stride 1 adds the Winograd kernel
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-def test_every_kernel_gives_the_same_conv(layout):
+def test_every_kernel_gives_the_same_conv(layout, stride):
     torch.manual_seed(0)
-    conv = torch.nn.Conv2d(26, 52, 3, stride=2, padding=1)
+    conv = torch.nn.Conv2d(26, 52, 3, stride=stride, padding=1)
     bn = _with_bn_statistics(torch.nn.BatchNorm2d(52))
     x = torch.randn(2, 26, 15, 17).contiguous(memory_format=layout)
     ref = torch.relu(bn(conv(x)))
     fused = FusedConv2d(conv, bn, relu=True)
+    assert ("winograd" in fused.candidates()) == (stride == 1)
     for kernel in fused.candidates():
         for conv_layout in (None, torch.channels_last, torch.contiguous_format):
             fused.bind(kernel, conv_layout, x.shape)
@@ -67,7 +69,7 @@ def test_select_kernels_reports_a_choice_per_conv():
     model = fuse_backbone(_with_bn_statistics(res2det.create_model("res2net50_26w_4s")))
     choices = select_kernels(model, torch.randn(1, 3, 64, 64), budget_s=0.0)
     assert len(choices) == sum(isinstance(m, FusedConv2d) for m in model.modules())
-    assert all(c.split("/")[0] in ("aten", "onednn", "prepacked", "gemm") for c in choices.values())
+    assert all(c.split("/")[0] in ("aten", "onednn", "prepacked", "gemm", "winograd") for c in choices.values())
 
 
 def test_dcn_blocks_are_left_unfused_but_still_correct():

@@ -4,8 +4,10 @@ from .deform_conv import ModulatedDeformConv2d, modulated_deform_conv2d
 from .nms import batched_nms, nms
 from .roi_align import RoIAlign, roi_align
 from .roi_extract import MultiLevelRoIAlign, map_roi_levels, paddle_roi_levels
+from .winograd import conv3x3_winograd, winograd_weight
 
 __all__ = [
     "box_area", "box_iou", "nms", "batched_nms", "roi_align", "RoIAlign", "map_roi_levels",
     "paddle_roi_levels", "MultiLevelRoIAlign", "modulated_deform_conv2d", "ModulatedDeformConv2d",
+    "conv3x3_winograd", "winograd_weight",
 ]

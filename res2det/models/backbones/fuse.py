@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...ops.winograd import conv3x3_winograd, winograd_weight
 from .res2net import Bottle2neck
 from .resnet import Bottleneck, ResNet
 
@@ -32,9 +33,10 @@ class FusedConv2d(nn.Module):
     """conv (+ folded BN) (+ ReLU), run by one of several kernels that give the same result:
 
     'aten' (PyTorch's dispatch), 'onednn' (oneDNN called directly; PyTorch sends small batch-1 convs to a slow
-    im2col path), 'prepacked' (oneDNN with weights reordered once and the ReLU fused) and 'gemm' (a 1x1 conv as
-    a matrix product). ``layout`` (None, or a memory format) converts the input for the kernel and the output
-    back, so neighbours never see a layout change.
+    im2col path), 'prepacked' (oneDNN with weights reordered once and the ReLU fused), 'gemm' (a 1x1 conv as
+    a matrix product) and 'winograd' (a stride-1 3x3 conv by F(4x4, 3x3), ``res2det.ops.winograd``).
+    ``layout`` (None, or a memory format) converts the input for the kernel and the output back, so neighbours
+    never see a layout change.
     """
 
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None, *, relu: bool = False):
@@ -52,7 +54,7 @@ class FusedConv2d(nn.Module):
         self.relu = relu
         self.kernel = "aten"
         self.layout: torch.memory_format | None = None
-        self._packed = None
+        self._prepared = None
 
     def candidates(self) -> list[str]:
         kernels = ["aten"]
@@ -63,14 +65,19 @@ class FusedConv2d(nn.Module):
         one_by_one = self.weight.shape[-2:] == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
         if one_by_one and self.groups == 1:
             kernels.append("gemm")
+        if (self.weight.shape[-2:] == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)
+                and self.dilation == (1, 1) and self.groups == 1 and self.weight.dtype == torch.float32):
+            kernels.append("winograd")
         return kernels
 
     def bind(self, kernel: str, layout: torch.memory_format | None, input_shape: torch.Size) -> None:
-        self.kernel, self.layout, self._packed = kernel, layout, None
+        self.kernel, self.layout, self._prepared = kernel, layout, None
         if kernel == "prepacked":
-            self._packed = _prepacked_ops().conv2d_prepack(
+            self._prepared = _prepacked_ops().conv2d_prepack(
                 self.weight, self.bias, list(self.stride), list(self.padding), list(self.dilation), self.groups,
                 list(input_shape), "relu" if self.relu else "none")
+        elif kernel == "winograd":
+            self._prepared = winograd_weight(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout is not None:
@@ -81,7 +88,10 @@ class FusedConv2d(nn.Module):
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         k = self.kernel
         if k == "prepacked":
-            return _prepacked_ops().conv2d_run(x, self._packed)  # ReLU fused
+            return _prepacked_ops().conv2d_run(x, self._prepared)  # ReLU fused
+        if k == "winograd":  # bias and ReLU fused; computed channels-last
+            y = conv3x3_winograd(x, self._prepared, self.bias, relu=self.relu)
+            return y.contiguous(memory_format=_layout(x))
         if k == "onednn":
             w = self.weight.contiguous(memory_format=_layout(x))
             y = torch.mkldnn_convolution(x, w, self.bias, self.padding, self.stride, self.dilation, self.groups)
