@@ -60,6 +60,8 @@ def transform_matrices() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 _AT, _G, _BT = transform_matrices()
+_KB = torch.kron(_BT, _BT)  # [36, 36]: the 2-D input transform B^T d B on a flattened 6x6 tile
+_KA = torch.kron(_AT, _AT)  # [16, 36]: the 2-D output transform A^T M A
 
 
 def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -91,13 +93,13 @@ def conv3x3_winograd(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor
     xp[:, 1:h + 1, 0].zero_()
     xp[:, 1:h + 1, w + 1:].zero_()
     xp[:, 1:h + 1, 1:w + 1].copy_(x.permute(0, 2, 3, 1))
-    kb = torch.kron(_BT, _BT).to(x)  # [36, 36]: the 2-D input transform B^T d B on a flattened tile
-    ka = torch.kron(_AT, _AT).to(x)  # [16, 36]: the 2-D output transform A^T M A
+    kb, ka = _KB.to(x), _KA.to(x)
     out = x.new_empty(n, th * m, tw * m, c_out)
     # chunk: k images x r tile rows
-    per_image = th * tw
-    k = max(1, tiles_per_chunk // per_image) if per_image <= tiles_per_chunk else 1
-    r = th if per_image <= tiles_per_chunk else max(1, tiles_per_chunk // tw)
+    if th * tw <= tiles_per_chunk:
+        k, r = tiles_per_chunk // (th * tw), th
+    else:
+        k, r = 1, max(1, tiles_per_chunk // tw)
     for i0 in range(0, n, k):
         kk = min(k, n - i0)
         for r0 in range(0, th, r):
