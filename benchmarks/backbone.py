@@ -57,6 +57,30 @@ def time_interleaved(fns: dict, x: torch.Tensor, *, warmup: int, repeats: int, d
     return {k: statistics.median(v) * 1000 for k, v in times.items()}
 
 
+def parse_run_options(ap: argparse.ArgumentParser, argv, *, warmup: tuple[int, int], repeats: tuple[int, int],
+                      repeats_note: str = "") -> argparse.Namespace:
+    """The options every benchmark script shares, parsed and applied (threads, CUDA check, the per-device
+    defaults of ``warmup``/``repeats`` given as (CPU, CUDA))."""
+    ap.add_argument("--repeats", type=int, help=f"timed calls per variant (default {repeats[0]} on CPU, "
+                    f"{repeats[1]} on CUDA{repeats_note})")
+    ap.add_argument("--warmup", type=int, help=f"untimed calls per variant first (default {warmup[0]} on CPU, "
+                    f"{warmup[1]} on CUDA)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--amp", action="store_true", help="autocast to fp16 (cuda) / bf16 (cpu) for every variant")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--profile", action="store_true", help="also print each optimised model's top ops")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: CUDA is not available here")
+    cuda = args.device == "cuda"
+    args.warmup = warmup[cuda] if args.warmup is None else args.warmup
+    args.repeats = repeats[cuda] if args.repeats is None else args.repeats
+    return args
+
+
 def print_profile(label: str, fn, x: torch.Tensor, calls: int = 3) -> None:
     """Where the time goes: torch.profiler's ops by self time over ``calls`` calls (``--profile``)."""
     from torch.profiler import profile
@@ -89,24 +113,10 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=MODELS)
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    ap.add_argument("--repeats", type=int, help="timed calls per variant (default 15 on CPU, 50 on CUDA; "
-                    "800x1333 on CPU: at most 7)")
-    ap.add_argument("--warmup", type=int, help="untimed calls per variant first (default 3 on CPU, 10 on CUDA)")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--amp", action="store_true", help="autocast to fp16 (cuda) / bf16 (cpu) for every variant")
-    ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--markdown", action="store_true", help="also print the table as README markdown")
-    ap.add_argument("--profile", action="store_true", help="also print each optimised model's top ops")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: CUDA is not available here")
+    args = parse_run_options(ap, argv, warmup=(3, 10), repeats=(15, 50), repeats_note="; 800x1333 on CPU: at most 7")
     cuda = args.device == "cuda"
-    args.warmup = (10 if cuda else 3) if args.warmup is None else args.warmup
-    args.repeats = (50 if cuda else 15) if args.repeats is None else args.repeats
-    select = args.device == "cpu" and not args.amp
+    select = not cuda and not args.amp
 
     rows = []
     for setting in args.settings:

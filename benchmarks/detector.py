@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import res2det  # noqa: E402
-from backbone import print_profile, time_interleaved, write_json  # noqa: E402
+from backbone import parse_run_options, print_profile, time_interleaved, write_json  # noqa: E402
 from res2det.cli.benchmark import full_load_overrides  # noqa: E402
 
 try:
@@ -85,21 +85,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+",
                     default=res2det.list_models("detection") + res2det.list_models("instance_segmentation"))
-    ap.add_argument("--repeats", type=int, help="timed calls per variant (default 3 on CPU, 20 on CUDA)")
-    ap.add_argument("--warmup", type=int, help="untimed calls per variant first (default 1 on CPU, 5 on CUDA)")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--amp", action="store_true", help="autocast to fp16 (cuda) / bf16 (cpu) for both variants")
-    ap.add_argument("--json", type=Path)
-    ap.add_argument("--profile", action="store_true", help="also print each optimised model's top ops")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: CUDA is not available here")
+    args = parse_run_options(ap, argv, warmup=(1, 5), repeats=(3, 20))
     cuda = args.device == "cuda"
-    args.warmup = (5 if cuda else 1) if args.warmup is None else args.warmup
-    args.repeats = (20 if cuda else 3) if args.repeats is None else args.repeats
     select = not cuda and not args.amp
     autocast = torch.autocast(args.device, dtype=torch.float16 if cuda else torch.bfloat16, enabled=args.amp)
     rows = []
