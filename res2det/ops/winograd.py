@@ -8,8 +8,8 @@ Worth it for wide convs (FPN, RPN and mask-head 256-channel convs gain about 1.5
 selection in ``res2det.optimize`` measures it per layer against the direct kernels.
 
 Interpolation points 0, 1, -1, 1/2, -2 (and infinity) rather than the textbook 0, +-1, +-2: the same cost and
-about 3x less float32 rounding error (Barabasz et al., "Error analysis and improving the accuracy of Winograd
-convolution for deep neural networks", 2020); measured here, 2.4e-6 of the output's range at 256 channels.
+less float32 rounding error (Barabasz et al., "Error analysis and improving the accuracy of Winograd
+convolution for deep neural networks", 2020); 1.4e-6..3e-6 of the output's range here (benchmarks/conv3x3.py).
 The matrices are derived exactly (Toom-Cook with rational arithmetic), not typed in.
 """
 from __future__ import annotations
