@@ -10,6 +10,7 @@ import torch
 
 import res2det
 from res2det.errors import CheckpointError
+from res2det.models.losses import total_loss
 from res2det.models.backbones import BackboneConfig
 from res2det.models.detectors import FPNConfig
 from res2det.models.detectors.cascade import (CASCADE_TRAIN, CascadeDetector, CascadeDetectorConfig,
@@ -66,7 +67,8 @@ def test_training_step_losses_backpropagate(kind):
     model = build_cascade_detector(cfg).train()
     assert isinstance(model, CascadeDetector)
     losses = model(torch.randn(2, 3, 96, 128), _targets(semantic=kind == "htc_semantic"))
-    expected = {"loss_rpn_cls", "loss_rpn_bbox"} | {f"s{s}.{k}" for s in range(3) for k in ("loss_cls", "loss_bbox")}
+    expected = {"loss_rpn_cls", "loss_rpn_bbox"} | {f"s{s}.{k}" for s in range(3)
+                                                    for k in ("loss_cls", "acc", "loss_bbox")}
     if kind != "cascade":
         expected |= {f"s{s}.loss_mask" for s in range(3)}
     if kind == "htc_semantic":
@@ -74,7 +76,7 @@ def test_training_step_losses_backpropagate(kind):
     assert set(losses) == expected
     assert all(torch.isfinite(v) and v.ndim == 0 for v in losses.values()), losses
     assert losses["s0.loss_bbox"] > 0
-    sum(losses.values()).backward()
+    total_loss(losses).backward()
     rh = model.roi_head
     params = [model.backbone.layer2[0].conv1.weight, model.rpn_head.rpn_cls.weight] + \
         [rh.bbox_head[s].fc_reg.weight for s in range(3)] + [rh.bbox_head[s].fc_cls.weight for s in range(3)]

@@ -16,6 +16,7 @@ from res2det.models.detectors import DetectorConfig, FPNConfig, RoIHeadConfig, R
 from res2det.models.heads import (AnchorGenerator, DeltaXYWHBBoxCoder, MaxIoUAssigner, RandomSampler,
                                   multiclass_nms, paste_masks)
 from res2det.models.heads.roi_head import RCNNTrainConfig
+from res2det.models.losses import total_loss
 from res2det.zoo.detectors import COCO_CLASSES, mmdet_to_res2det
 
 from conftest import REFERENCE
@@ -216,10 +217,11 @@ def test_training_step_losses_backpropagate():
     torch.manual_seed(0)
     model = build_detector(tiny_config()).train()
     losses = model(torch.randn(2, 3, 96, 128), _targets())  # torchvision-style positional targets
-    assert set(losses) == {"loss_rpn_cls", "loss_rpn_bbox", "loss_cls", "loss_bbox", "loss_mask"}
+    assert set(losses) == {"loss_rpn_cls", "loss_rpn_bbox", "loss_cls", "acc", "loss_bbox", "loss_mask"}
+    assert 0 <= losses["acc"] <= 100 and not losses["acc"].requires_grad  # reported, not back-propagated
     assert all(torch.isfinite(v) and v.ndim == 0 for v in losses.values()), losses
     assert losses["loss_bbox"] > 0 and losses["loss_mask"] > 0
-    sum(losses.values()).backward()
+    total_loss(losses).backward()
     bb = model.backbone
     assert bb.conv1[0].weight.grad is None and bb.layer1[0].conv1.weight.grad is None  # frozen_stages=1
     for p in (bb.layer2[0].conv1.weight, bb.layer4[-1].conv3.weight, model.neck.fpn_convs[0].weight,

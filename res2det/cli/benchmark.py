@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from .. import __version__
 from ..checkpoint import atomic_write, cache_dir
 from ..errors import Res2DetError
+from ..models.losses import total_loss
 from .common import text_table
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the res2det package
@@ -300,7 +301,7 @@ def measure_training(name: str, *, device: str = "cpu", size: tuple[int, int] | 
                 losses = {"loss_cls": F.cross_entropy(model(x).float(), labels)}
             else:
                 losses = model(x, image_sizes=sizes, targets=targets)
-        total = sum(losses.values())
+        total = total_loss(losses)
         if scaler is not None:
             scaler.scale(total).backward()
             scaler.step(optimizer)

@@ -19,6 +19,7 @@ from .config import TrainConfig, config_to_dict
 from .distributed import DistInfo, all_reduce_mean, any_rank, barrier, broadcast_object, init_distributed
 from .plot import plot_training
 from .schedule import build_optimizer, build_scheduler
+from .step import detector_losses
 
 
 class NonFiniteLossError(Res2DetError):
@@ -259,7 +260,7 @@ class Trainer:
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
         buffers = [b.detach().clone() for b in self.model.buffers()]  # BN statistics, restored after a bad step
         with torch.autocast(self.dist.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            losses = self.ddp(images, image_sizes=sizes, targets=targets)
+            losses, total = detector_losses(self.ddp, images, targets, sizes)
         bad = [k for k, v in losses.items() if not torch.isfinite(v.detach()).all()]
         if any_rank(bool(bad), self.dist):
             with torch.no_grad():
@@ -275,7 +276,6 @@ class Trainer:
                 return None
             raise NonFiniteLossError(f"{message}; training stopped before the update, the weights are those of "
                                      f"iteration {self.iteration} (set on_nonfinite='skip' to skip such steps)")
-        total = sum(losses.values())
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         if cfg.grad_clip:
@@ -288,15 +288,17 @@ class Trainer:
 
     def _log(self, log: Path, window: list[torch.Tensor], names: list[str], epoch: int, t0: float, bar) -> None:
         mean = all_reduce_mean(torch.stack(window).mean(0).to(self.dist.device), self.dist).tolist()
+        terms = dict(zip(names, mean))
         record = {"kind": "train", "iter": self.iteration, "epoch": epoch + 1,
-                  "lr": self.optimizer.param_groups[0]["lr"], "loss": sum(mean), **dict(zip(names, mean)),
+                  "lr": self.optimizer.param_groups[0]["lr"],
+                  "loss": sum(v for k, v in terms.items() if "loss" in k), **terms,
                   "memory_mb": round(_memory_mb(self.dist.device), 1), "time": round(time.perf_counter() - t0, 2)}
         if self.dist.is_main:
             with open(log, "a") as f:
                 f.write(json.dumps(record) + "\n")
             if bar is not None:
-                terms = {k[len("loss_"):]: f"{record[k]:.3f}" for k in names}
-                bar.set_postfix(loss=f"{record['loss']:.3f}", **terms, lr=f"{record['lr']:.2e}",
+                shown = {k.replace("loss_", ""): f"{v:.3f}" for k, v in terms.items()}
+                bar.set_postfix(loss=f"{record['loss']:.3f}", **shown, lr=f"{record['lr']:.2e}",
                                 mem=f"{record['memory_mb']:.0f}M", refresh=False)
             else:
                 print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()),

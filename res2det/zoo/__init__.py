@@ -93,12 +93,18 @@ def _recorded_options(meta: dict) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
 
 
-def create_model(name: str, weights: str | None = None, *, weights_format: str | None = None, **overrides) -> nn.Module:
+def create_model(name: str, weights: str | None = None, *, weights_format: str | None = None, config: Any = None,
+                 **overrides) -> nn.Module:
     """Build a named model; with ``weights`` (a file, or a published source such as 'official') load them
     strictly and return the model in eval mode. ``overrides`` replace config fields (e.g. ``frozen_stages=1``);
     a res2det checkpoint also brings the overrides it was saved with (``num_classes``, ``class_names``, ...),
-    which explicit ``overrides`` replace."""
+    which explicit ``overrides`` replace. ``config`` replaces the row's whole config before the overrides
+    (e.g. ``res2det.engine.step.exhaustive_sampling(get_spec(name).config)``); it must be of the same type."""
     spec = get_spec(name)
+    if config is not None:
+        if type(config) is not type(spec.config):
+            raise Res2DetError(f"{name}: config must be a {type(spec.config).__name__}, got {type(config).__name__}")
+        spec = dataclasses.replace(spec, config=config)
     loaded = None
     if weights is not None:
         path, source = _resolve_weights(spec, weights)

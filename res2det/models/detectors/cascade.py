@@ -28,9 +28,10 @@ CASCADE_TRAIN = tuple(_stage_train(t, False) for t in (0.5, 0.6, 0.7))
 # mmdet's htc-without-semantic_r50_fpn leaves match_low_quality at the assigner's default (True).
 HTC_TRAIN = tuple(_stage_train(t, True) for t in (0.5, 0.6, 0.7))
 
-# RPN of the cascade configs: smooth L1 (beta 1/9) box loss, 2000 training proposals.
+# RPN of the cascade configs: smooth L1 (beta 1/9) box loss, 2000 training proposals, only anchors wholly inside
+# the image trained (allowed_border=0).
 CASCADE_RPN = RPNConfig(rpn_train=RPNTrainConfig(proposals=ProposalConfig(nms_pre=2000, max_per_img=2000),
-                                                smooth_l1_beta=1.0 / 9.0))
+                                                smooth_l1_beta=1.0 / 9.0, allowed_border=0))
 
 
 @dataclass(frozen=True)

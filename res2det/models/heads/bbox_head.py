@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...ops import at_least_fp32
+from ..losses import accuracy
 from .box_coder import DeltaXYWHBBoxCoder
 from .post_processing import multiclass_nms
 from .targets import SamplingResult
@@ -40,7 +42,7 @@ class Shared2FCBBoxHead(nn.Module):
         x = x.flatten(1)
         for fc in self.shared_fcs:
             x = F.relu(fc(x))
-        return self.fc_cls(x).float(), self.fc_reg(x).float()  # fp32 under autocast (decoding, softmax, losses)
+        return at_least_fp32(self.fc_cls(x)), at_least_fp32(self.fc_reg(x))  # fp32 under autocast (decoding, softmax, losses)
 
     def predict(self, rois: Tensor, cls_score: Tensor, bbox_pred: Tensor, image_size: tuple[int, int], *,
                 score_thr: float, iou_threshold: float, max_per_img: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -53,7 +55,8 @@ class Shared2FCBBoxHead(nn.Module):
 
     def loss(self, cls_score: Tensor, bbox_pred: Tensor, samples: Sequence[SamplingResult]) -> dict[str, Tensor]:
         """Softmax CE over all sampled rois and L1 on the gt class's deltas of the positives; both are divided
-        by the number of sampled rois (mmdet normalises the box loss by all rois, not the positives)."""
+        by the number of sampled rois (mmdet normalises the box loss by all rois, not the positives). ``acc``
+        (the classifier's accuracy in percent) is reported beside them, not a loss."""
         labels, targets = [], []
         for s in samples:
             labels += [s.pos_gt_labels, s.pos_gt_labels.new_full((s.neg_boxes.shape[0],), self.num_classes)]
@@ -70,7 +73,7 @@ class Shared2FCBBoxHead(nn.Module):
             loss_bbox = l1_loss(pred - targets, self.smooth_l1_beta).sum() / (labels.numel() + EPS)
         else:
             loss_bbox = bbox_pred.sum() * 0
-        return {"loss_cls": loss_cls, "loss_bbox": loss_bbox}
+        return {"loss_cls": loss_cls, "acc": accuracy(cls_score, labels), "loss_bbox": loss_bbox}
 
 
 def l1_loss(diff: Tensor, beta: float = 0.0) -> Tensor:

@@ -7,6 +7,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ...ops import at_least_fp32
+
 
 class DeltaXYWHBBoxCoder:
     """Encode boxes as ``((gx - px) / pw, (gy - py) / ph, log(gw / pw), log(gh / ph))``, normalised by
@@ -25,7 +27,7 @@ class DeltaXYWHBBoxCoder:
 
     def encode(self, boxes: Tensor, targets: Tensor) -> Tensor:
         """Deltas ``[N, 4]`` that move ``boxes [N, 4]`` onto ``targets [N, 4]``."""
-        boxes, targets = boxes.float(), targets.float()
+        boxes, targets = at_least_fp32(boxes), at_least_fp32(targets)
         pxy = (boxes[:, :2] + boxes[:, 2:]) * 0.5
         pwh = boxes[:, 2:] - boxes[:, :2]
         gxy = (targets[:, :2] + targets[:, 2:]) * 0.5

@@ -173,7 +173,7 @@ class CascadeRoIHead(nn.Module):
             rois = boxes_to_rois([s.boxes for s in samples])
             cls_score, bbox_pred = self._bbox_forward(stage, feats, rois, semantic)
             for k, v in self.bbox_head[stage].loss(cls_score, bbox_pred, samples).items():
-                losses[f"s{stage}.{k}"] = v * w
+                losses[f"s{stage}.{k}"] = v * w if "loss" in k else v
             refined = None
             if self._refine_before_mask:
                 with torch.no_grad():

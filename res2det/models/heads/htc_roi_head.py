@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...ops import MultiLevelRoIAlign
+from ...ops import MultiLevelRoIAlign, at_least_fp32
 from .cascade_roi_head import CascadeRoIHead
 from .mask_head import FCNMaskHead
 
@@ -45,7 +45,7 @@ class HTCMaskHead(FCNMaskHead):
         feat = x
         outs = []
         if return_logits:
-            outs.append(self.conv_logits(F.relu(self.upsample(x))).float())
+            outs.append(at_least_fp32(self.conv_logits(F.relu(self.upsample(x)))))
         if return_feat:
             outs.append(feat)
         return tuple(outs) if len(outs) > 1 else outs[0]
@@ -83,7 +83,7 @@ class FusedSemanticHead(nn.Module):
                 x = x + F.relu(self.lateral_convs[i](feat))
         for conv in self.convs:
             x = F.relu(conv(x))
-        return self.conv_logits(x).float(), F.relu(self.conv_embedding(x))
+        return at_least_fp32(self.conv_logits(x)), F.relu(self.conv_embedding(x))
 
     def loss(self, seg_pred: Tensor, labels: Tensor) -> Tensor:
         """``labels [B, H, W]`` (the padded input's size) -> weighted cross entropy."""

@@ -24,7 +24,7 @@ class FCNMaskHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         for conv in self.convs:
             x = F.relu(conv(x))
-        return self.conv_logits(F.relu(self.upsample(x))).float()  # fp32 under autocast
+        return ops.at_least_fp32(self.conv_logits(F.relu(self.upsample(x))))  # fp32 under autocast
 
     @staticmethod
     def targets(pos_boxes: Tensor, pos_gt_inds: Tensor, gt_masks: Tensor, size: int) -> Tensor:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...ops import at_least_fp32
 from .anchors import AnchorGenerator
 from .bbox_head import l1_loss
 from .box_coder import DeltaXYWHBBoxCoder
@@ -36,6 +37,9 @@ class RPNTrainConfig:
         num=256, pos_fraction=0.5, add_gt_as_proposals=False))
     proposals: ProposalConfig = field(default_factory=lambda: ProposalConfig(nms_pre=2000, max_per_img=1000))
     size_divisor: int = 32  # images are padded to a multiple of this; anchors beyond it are ignored
+    # Anchors reaching more than this many pixels outside the unpadded image are ignored in training; -1 keeps
+    # them all (mmdet's Faster / Mask R-CNN); Cascade R-CNN and HTC use 0: only anchors wholly inside the image.
+    allowed_border: int = -1
     smooth_l1_beta: float = 0.0  # 0: L1 box loss (Faster/Mask R-CNN); Cascade R-CNN / HTC: smooth L1, beta 1/9
 
 
@@ -62,8 +66,8 @@ class RPNHead(nn.Module):
         for x in feats:
             x = F.relu(self.rpn_conv(x))
             # fp32 under autocast: decoding and losses need it (bf16 resolves ~4 px at x = 1000)
-            cls_scores.append(self.rpn_cls(x).float())
-            bbox_preds.append(self.rpn_reg(x).float())
+            cls_scores.append(at_least_fp32(self.rpn_cls(x)))
+            bbox_preds.append(at_least_fp32(self.rpn_reg(x)))
         return cls_scores, bbox_preds
 
     # ----------------------------------------------------------------------------------------------- proposals
@@ -118,7 +122,12 @@ class RPNHead(nn.Module):
         d = cfg.size_divisor
         for b, (gt, (h, w)) in enumerate(zip(gt_boxes, image_sizes)):
             pad_shape = (-(-h // d) * d, -(-w // d) * d)  # the image's own padding, not the batch's
-            valid = torch.nonzero(torch.cat(self.anchor_generator.valid_flags(sizes, pad_shape, device))).flatten()
+            valid = torch.cat(self.anchor_generator.valid_flags(sizes, pad_shape, device))
+            if cfg.allowed_border >= 0:
+                b = cfg.allowed_border
+                valid &= ((anchors[:, 0] >= -b) & (anchors[:, 1] >= -b) & (anchors[:, 2] < w + b)
+                          & (anchors[:, 3] < h + b))
+            valid = torch.nonzero(valid).flatten()
             gt = gt.to(anchors.dtype).reshape(-1, 4)
             assign = cfg.assigner.assign(anchors[valid], gt, torch.zeros(gt.shape[0], dtype=torch.long, device=device))
             pos, neg = cfg.sampler.sample(assign)
