@@ -44,15 +44,10 @@ except ImportError:  # cli.main reaches pycocotools (datasets), which some GPU i
 
     def seeded_reference_weights(model_name: str):
         return None
+from res2det.images import normalize  # noqa: E402
 from res2det.optimize import optimize_for_inference  # noqa: E402
 from res2det.utils.complexity import count_macs, count_params  # noqa: E402
 
-
-
-def normalize(rgb: np.ndarray, pre) -> torch.Tensor:
-    # as res2det.data.image.normalize; importing res2det.data reaches pycocotools, absent on some GPU images
-    x = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).float()
-    return (x - torch.tensor(pre.mean).view(3, 1, 1)) / torch.tensor(pre.std).view(3, 1, 1)
 
 
 def reference_input(model) -> torch.Tensor:

@@ -70,7 +70,7 @@ def read_weights(path: str | os.PathLike) -> tuple[StateDict, dict]:
         head = f.read(16)
     meta: dict = {}
     if path.suffix == ".pdparams":  # PaddlePaddle: a pickle of NumPy arrays, read by a restricted unpickler
-        from .zoo.pdparams import read_pdparams
+        from .pdparams import read_pdparams
 
         return read_pdparams(path), {"format": "paddle"}
     if path.suffix == ".safetensors" or (len(head) >= 9 and head[8:9] == b"{"):

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .data.image import ImageLike, to_rgb_uint8
+from .images import ImageLike, to_rgb_uint8
 from .errors import Res2DetError
 
 MASK_ALPHA = 0.45

@@ -187,7 +187,7 @@ def test_predict_user_api():
     """``predict`` (images in, ``Detections`` in each image's own pixels out) works for cascade models."""
     import numpy as np
 
-    from res2det.zoo import Preprocess
+    from res2det.structures import Preprocess
 
     torch.manual_seed(0)
     model = build_cascade_detector(tiny_config(with_mask=True, htc=True, with_semantic=True))

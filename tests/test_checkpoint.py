@@ -93,7 +93,7 @@ def test_unknown_model_and_bad_config_values():
         res2det.create_model("res2net50_26w4s")
     with pytest.raises(Res2DetError, match="depth"):
         res2det.create_model(NAME, depth=34)
-    with pytest.raises(Res2DetError, match="unknown config option"):
+    with pytest.raises(Res2DetError, match="no field 'widht'"):
         res2det.create_model(NAME, widht=26)
     with pytest.raises(Res2DetError, match="no published 'mmdet' weights"):
         res2det.create_model(NAME, weights="mmdet")

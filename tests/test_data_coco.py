@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from res2det.data import CocoDataset
-from res2det.data.image import detection_input, load_image, to_rgb_uint8
+from res2det.images import detection_input, load_image, to_rgb_uint8
 from res2det.errors import DataError, Res2DetError
-from res2det.zoo.registry import Preprocess
+from res2det.structures import Preprocess
 
 from conftest import SHARED
 

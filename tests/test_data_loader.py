@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from res2det.data import AspectRatioBatchSampler, CocoDataset, build_loader, collate, shapes_splits
-from res2det.zoo.registry import Preprocess
+from res2det.structures import Preprocess
 
 RNG = np.random.default_rng(0)
 GROUPS = RNG.integers(0, 2, 37).tolist()  # 37 images, wide (0) and tall (1) mixed

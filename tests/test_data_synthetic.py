@@ -11,7 +11,7 @@ from pycocotools.coco import COCO
 
 from res2det.data import CocoDataset, shapes_dataset, shapes_splits, synthetic
 from res2det.data.coco import decode_mask
-from res2det.zoo.registry import Preprocess
+from res2det.structures import Preprocess
 
 # pycocotools' annToMask: its Cython __array__ predates NumPy 2's copy keyword
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from res2det.data.image import rescale_size
+from res2det.images import rescale_size
 from res2det.data.transforms import Sample, hflip, resize, resize_nearest, sample_scale, to_tensors
-from res2det.zoo.registry import Preprocess
+from res2det.structures import Preprocess
 
 
 def mask_box(mask: np.ndarray) -> list[float]:

@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 
 from res2det import Detections, Res2DetError
-from res2det.data.image import detection_input, pad_batch, rescale_size, resize_bilinear
+from res2det.images import detection_input, pad_batch, rescale_size, resize_bilinear
 from res2det.models.detectors import build_detector
 from res2det.visualize import draw_detections, label_color
 from res2det.zoo.detectors import COCO_CLASSES, DETECTION_PREPROCESS
-from res2det.zoo.registry import Preprocess
+from res2det.structures import Preprocess
 
 from conftest import MASK_RCNN, PHOTO, REFERENCE
 from test_det_parity import fixture_input

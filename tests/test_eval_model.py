@@ -14,11 +14,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from res2det.data.image import detection_input, to_rgb_uint8
+from res2det.images import detection_input, to_rgb_uint8
 from res2det.evaluation import STAT_NAMES, coco_evaluate, evaluate_model, gather_and_evaluate
 from res2det.models.detectors import build_detector
 from res2det.models.heads import paste_masks
-from res2det.zoo.registry import Preprocess
+from res2det.structures import Preprocess
 
 from conftest import SHARED
 from test_det_units import tiny_config

@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from res2det.data.image import classification_input, load_image, to_rgb_uint8
+from res2det.images import classification_input, load_image, to_rgb_uint8
 from res2det.errors import Res2DetError
-from res2det.zoo.registry import Preprocess
+from res2det.structures import Preprocess
 
 from conftest import REFERENCE, SHARED
 

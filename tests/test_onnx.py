@@ -218,7 +218,7 @@ def test_dynamic_graph_matches_predict(tiny_model, tiny_onnx):
 def test_fixed_size_graph_matches_detect(tiny_model, tmp_path):
     """A fixed 256x320 input: images are padded to it, scaled down first when predict's size would not fit;
     the detections equal the model's on the same padded input."""
-    from res2det.data.image import to_rgb_uint8
+    from res2det.images import to_rgb_uint8
 
     path = export_onnx(tiny_model, tmp_path / "fixed.onnx", size=(256, 320))
     detector = OnnxDetector(path, threads=1)

@@ -18,7 +18,7 @@ from res2det.models.heads.paddle import (PaddleAnchorGenerator, PaddleRPNHead, p
                                          paddle_multiclass_nms)
 from res2det.models.heads.rpn_head import ProposalConfig
 from res2det.zoo.paddle import paddle_to_res2det
-from res2det.zoo.pdparams import NAME_TABLE, read_pdparams
+from res2det.pdparams import NAME_TABLE, read_pdparams
 
 from conftest import REFERENCE
 

@@ -27,7 +27,7 @@ import torch
 from res2det.checkpoint import load_state_dict_strict
 from res2det.data import collate
 from res2det.data.coco import decode_mask
-from res2det.data.image import normalize
+from res2det.images import normalize
 from res2det.engine.step import exhaustive_sampling, training_step
 from res2det.zoo import get_spec, list_models
 

@@ -51,7 +51,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .. import __version__
+from ..version import __version__
 from ..checkpoint import atomic_write, cache_dir
 from ..errors import Res2DetError
 from ..models.losses import total_loss

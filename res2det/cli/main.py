@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import __version__
+from ..version import __version__
 from ..checkpoint import atomic_write
 from ..errors import Res2DetError
 from .common import run, text_table
@@ -64,7 +64,7 @@ def cmd_zoo(args) -> None:
 
 
 def cmd_classify(args) -> None:
-    from ..data.image import classification_input
+    from ..images import classification_input
     from ..zoo import create_model
 
     model = create_model(args.model, weights=args.weights).eval()
@@ -114,7 +114,7 @@ def cmd_demo(args) -> None:
     from ..visualize import draw_detections
     from ..zoo import create_model, get_spec
 
-    from ..data.image import load_image
+    from ..images import load_image
 
     image = Path(args.image) if args.image else default_image()
     if get_spec(args.model).task not in DETECTION_TASKS:
@@ -162,7 +162,7 @@ def _detection_record(image: str, det) -> dict:
 
 
 def cmd_infer(args) -> None:
-    from ..data.image import check_image, to_rgb_uint8
+    from ..images import check_image, to_rgb_uint8
     from ..visualize import draw_detections
     from ..zoo import create_model, get_spec, list_models
 

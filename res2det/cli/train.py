@@ -78,7 +78,7 @@ def cmd_train(args) -> None:
 def draw_samples(model, dataset, out_dir: Path, count: int, score_thr: float = 0.5) -> list[Path]:
     """Draw the model's detections on the first ``count`` images of ``dataset``."""
     from ..checkpoint import atomic_write
-    from ..data.image import to_rgb_uint8
+    from ..images import to_rgb_uint8
     from ..visualize import draw_detections
 
     paths = []

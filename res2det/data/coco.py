@@ -33,8 +33,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from ..errors import DataError, Res2DetError
-from ..zoo.registry import Preprocess
-from .image import load_image, to_rgb_uint8
+from ..structures import Preprocess
+from ..images import load_image, to_rgb_uint8
 from .transforms import Sample, Scale, hflip, resize, sample_scale, to_tensors
 
 DEFAULT_PREPROCESS = Preprocess(input_size=(800, 1333), crop_pct=None)  # what predict() uses without one

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .image import pad_batch
+from ..images import pad_batch
 
 
 def _pad_to(x: Tensor, height: int, width: int, value: int) -> Tensor:

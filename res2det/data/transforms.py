@@ -12,8 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..zoo.registry import Preprocess
-from .image import normalize, rescale_size, resize_bilinear
+from ..structures import Preprocess
+from ..images import normalize, rescale_size, resize_bilinear
 
 Scale = tuple[int, int]  # keep-ratio bounds, e.g. (1333, 800): the long side fits max(), the short side min()
 

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import torch
 
-from .. import __version__
+from ..version import __version__
 from ..checkpoint import atomic_write
 from ..errors import Res2DetError
 from .graph import INPUT_NAMES, DetectionGraph, check_exportable
@@ -57,9 +57,9 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, *, size: Sequen
         check_size(size)
     h, w = (int(v) for v in (size or TRACE_SIZE))
     pre = getattr(model, "preprocess", None)
-    from ..models.detectors.two_stage import _detection_preprocess
+    from ..images import detection_preprocess
 
-    pre = _detection_preprocess(pre)
+    pre = detection_preprocess(pre)
     info = GraphInfo(model=model_name or getattr(model, "model_name", type(model).__name__),
                      class_names=tuple(model.class_names), mean=tuple(pre.mean), std=tuple(pre.std),
                      resize_bounds=tuple(pre.input_size), input_size=None if size is None else (h, w),

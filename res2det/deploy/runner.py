@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
-from ..data.image import normalize, rescale_size, resize_bilinear, to_rgb_uint8
+from ..images import normalize, rescale_size, resize_bilinear, to_rgb_uint8
 from ..errors import Res2DetError
-from ..zoo.registry import Preprocess
+from ..structures import Preprocess
 
 if TYPE_CHECKING:
-    from ..data.image import ImageLike
-    from ..detections import Detections
+    from ..images import ImageLike
+    from ..structures import Detections
 
 METADATA_KEY = "res2det"
 SIZE_DIVISOR = 32
@@ -125,11 +125,11 @@ class OnnxDetector:
                 ) -> "list[Detections]":
         """One ``Detections`` per image (paths, PIL images, arrays, tensors; one or a list), in original pixels,
         by decreasing score; ``score_thr`` keeps those scoring at least that much."""
-        from ..detections import Detections
-        from ..models.detectors.two_stage import _image_list
+        from ..structures import Detections
+        from ..images import image_list
 
         out = []
-        for item in _image_list(images):
+        for item in image_list(images):
             rgb = to_rgb_uint8(item)
             boxes, scores, labels, *masks = self.run(graph_inputs(rgb, self.info))
             keep = np.ones(len(scores), dtype=bool) if score_thr is None else scores >= score_thr

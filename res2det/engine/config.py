@@ -8,13 +8,12 @@ from __future__ import annotations
 import ast
 import dataclasses
 import runpy
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import Res2DetError
+from ..overrides import apply_overrides
 
 
 @dataclass(frozen=True)
@@ -144,29 +143,10 @@ def load_config(name_or_path: str) -> TrainConfig:
     return known[name_or_path]
 
 
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Check a parsed ``--set`` value against the field's annotation (lists become tuples)."""
-    if isinstance(value, list):
-        value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    options = args if origin in (typing.Union, types.UnionType) else (annotation,)
-    for option in options:
-        o = typing.get_origin(option) or option
-        if option is type(None) and value is None:
-            return value
-        if o is Literal and value in typing.get_args(option):
-            return value
-        if o is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if o is Any or (isinstance(o, type) and o is not type(None) and isinstance(value, o)
-                        and not (o is int and isinstance(value, bool))):
-            return value
-    raise Res2DetError(f"--set {key}: {value!r} is not a valid value (expected {annotation})")
-
-
 def apply_settings(config: TrainConfig, settings: list[str]) -> TrainConfig:
     """Apply ``dotted.key=value`` edits. Values are Python literals (``4``, ``0.01``, ``(1333, 800)``, ``None``);
-    anything else is taken as a string. ``model.NAME=value`` sets a ``create_model`` override."""
+    anything else is taken as a string. ``model.PATH=value`` sets a ``create_model`` override (``PATH`` as
+    ``res2det.overrides`` takes it: ``model.frozen_stages=0``, ``model.backbone.frozen_stages=0``)."""
     for item in settings:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -175,23 +155,11 @@ def apply_settings(config: TrainConfig, settings: list[str]) -> TrainConfig:
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
             value = raw
-        path = key.split(".")
-        if path[0] == "model" and len(path) == 2:
-            config = dataclasses.replace(config, model_options={**config.model_options, path[1]: value})
+        if key.startswith("model."):  # a create_model override, checked when the model is built
+            config = dataclasses.replace(config, model_options={**config.model_options, key[len("model."):]: value})
             continue
-        config = _replace_path(config, path, value, key)
+        config = apply_overrides(config, {key: value}, what="--set")
     return config
-
-
-def _replace_path(obj: Any, path: list[str], value: Any, key: str) -> Any:
-    hints = typing.get_type_hints(type(obj))
-    name = path[0]
-    if name not in hints or not dataclasses.is_dataclass(obj):
-        known = ", ".join(f.name for f in dataclasses.fields(obj)) if dataclasses.is_dataclass(obj) else ""
-        raise Res2DetError(f"--set {key}: no field {name!r} in {type(obj).__name__} (fields: {known})")
-    if len(path) > 1:
-        return dataclasses.replace(obj, **{name: _replace_path(getattr(obj, name), path[1:], value, key)})
-    return dataclasses.replace(obj, **{name: _coerce(value, hints[name], key)})
 
 
 def config_to_dict(config: TrainConfig) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from ..checkpoint import atomic_write
-from ..data.image import pad_batch
+from ..images import pad_batch
 from .coco import IOU_TYPES, coco_evaluate, format_per_class, to_coco_results, write_results_json
 
 # Per image id: (bbox records, segm records); an image without detections has two empty lists.

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..checkpoint import download, load_state_dict_strict, read_weights
 from ..errors import CheckpointError, Res2DetError
+from ..overrides import apply_overrides
 from . import classifiers  # noqa: F401  (registers the ImageNet models)
 from . import detectors  # noqa: F401
 from . import paddle  # noqa: F401
@@ -28,24 +29,6 @@ def get_spec(name: str) -> ModelSpec:
         hint = f"; did you mean {', '.join(close)}?" if close else "; see `res2det zoo` or res2det.list_models()"
         raise Res2DetError(f"unknown model {name!r}{hint}")
     return MODELS[name]
-
-
-def apply_overrides(config: Any, overrides: dict[str, Any]) -> Any:
-    """Replace fields of a (nested) config dataclass by name; a name must match exactly one field."""
-    direct = {f.name for f in dataclasses.fields(config)}
-    own = {k: v for k, v in overrides.items() if k in direct}
-    rest = {k: v for k, v in overrides.items() if k not in direct}
-    for f in dataclasses.fields(config):
-        value = own.get(f.name, getattr(config, f.name))
-        if rest and dataclasses.is_dataclass(value):
-            fields = {g.name for g in dataclasses.fields(value)}
-            mine = {k: v for k, v in rest.items() if k in fields}
-            if mine:
-                own[f.name] = apply_overrides(value, mine)
-                rest = {k: v for k, v in rest.items() if k not in mine}
-    if rest:
-        raise Res2DetError(f"unknown config option(s) {sorted(rest)} for {type(config).__name__}")
-    return dataclasses.replace(config, **own)
 
 
 SOURCES = ("official", "timm", "torchvision", "mmdet", "paddle")
@@ -110,7 +93,7 @@ def create_model(name: str, weights: str | None = None, *, weights_format: str |
         path, source = _resolve_weights(spec, weights)
         loaded = read_weights(path)
         overrides = {**_recorded_options(loaded[1]), **overrides}
-    config = apply_overrides(spec.config, overrides)
+    config = apply_overrides(spec.config, overrides, what=f"{name} option")
     try:
         model = spec.build(config)
     except ValueError as e:

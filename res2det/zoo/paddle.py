@@ -5,7 +5,7 @@ accumulates its splits (also res2's first), the strided blocks avg-pool their la
 excluded, and the shortcuts are strided 1x1 conv + BN; 'vb' has the 7x7 stem, 'vd' the deep 3x3 stem (and
 nothing else of ResNet-D). The heads use Paddle's test-time rules (``DetectorConfig(conventions='paddle')``).
 
-``.pdparams`` files are read by ``res2det.zoo.pdparams.read_pdparams`` (restricted unpickler) and renamed by
+``.pdparams`` files are read by ``res2det.pdparams.read_pdparams`` (restricted unpickler) and renamed by
 ``paddle_to_res2det`` (strict: a key it does not know is an error).
 """
 from __future__ import annotations

@@ -9,23 +9,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..structures import IMAGENET_MEAN, IMAGENET_STD, Preprocess  # noqa: F401  (re-exported)
+
 StateDict = dict[str, torch.Tensor]
 KeyMap = Callable[[StateDict], StateDict]
-
-IMAGENET_MEAN = (123.675, 116.28, 103.53)  # RGB, 0..255 pixel scale
-IMAGENET_STD = (58.395, 57.12, 57.375)
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """How the weights expect their input: RGB pixels in 0..255, ``(x - mean) / std``."""
-
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    input_size: tuple[int, int] = (224, 224)  # (H, W); detectors: the (short, long) resize bounds
-    crop_pct: float | None = 0.875
-    interpolation: str = "bilinear"
-
 
 @dataclass(frozen=True)
 class PublishedWeights:

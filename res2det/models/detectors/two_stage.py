@@ -1,7 +1,6 @@
 """Two-stage detectors (Faster / Mask R-CNN): backbone -> FPN -> RPN proposals -> RoI heads."""
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
@@ -15,8 +14,8 @@ from ..necks import FPN
 from .config import DetectorConfig
 
 if TYPE_CHECKING:
-    from ...data.image import ImageLike
-    from ...detections import Detections
+    from ...images import ImageLike
+    from ...structures import Detections
 
 ImageSizes = Sequence[tuple[int, int]]
 
@@ -121,13 +120,13 @@ class TwoStageDetector(nn.Module):
         ``torch.inference_mode`` in eval mode (the previous mode is restored); the returned tensors are
         ordinary CPU tensors.
         """
-        from ...data.image import to_rgb_uint8
-        from ...detections import Detections
         from ...errors import Res2DetError
+        from ...images import image_list, to_rgb_uint8
+        from ...structures import Detections
 
         if batch_size < 1:
             raise Res2DetError(f"batch_size must be at least 1, got {batch_size}")
-        items = _image_list(images)
+        items = image_list(images)
         names = self.class_names
         out: list[Detections] = []
         was_training = self.training
@@ -150,9 +149,9 @@ class TwoStageDetector(nn.Module):
     def _predict_batch(self, rgbs: list[np.ndarray], score_thr: float | None
                        ) -> list[tuple[Tensor, Tensor, Tensor, Tensor | None]]:
         """(boxes, scores, labels, masks) per HxWx3 uint8 image, in its own pixels (see ``predict``)."""
-        from ...data.image import detection_input, pad_batch
+        from ...images import detection_input, detection_preprocess, pad_batch
 
-        pre = _detection_preprocess(getattr(self, "preprocess", None))
+        pre = detection_preprocess(getattr(self, "preprocess", None))
         param = next(self.parameters())
         inputs = [detection_input(rgb, pre) for rgb in rgbs]
         batch = pad_batch([x for x, _ in inputs]).to(param.device, param.dtype)
@@ -242,22 +241,6 @@ def _clip(boxes: Tensor, h: int, w: int) -> Tensor:
     """xyxy boxes clamped into a ``w x h`` image."""
     return torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h), boxes[:, 2].clamp(0, w),
                         boxes[:, 3].clamp(0, h)], dim=1)
-
-
-def _image_list(images: Any) -> list:
-    """One image or a list of images -> a list; a 4-d tensor / array is a batch of images."""
-    if isinstance(images, (str, os.PathLike)) or not isinstance(images, (Sequence, Tensor, np.ndarray)):
-        return [images]  # a path, a PIL image, or something to_rgb_uint8 will name as unsupported
-    if isinstance(images, (Tensor, np.ndarray)):
-        return list(images) if images.ndim == 4 else [images]
-    return list(images)
-
-
-def _detection_preprocess(pre: Any) -> Any:
-    """The model's own ``Preprocess`` (set by ``create_model``), else ImageNet statistics and (800, 1333)."""
-    from ...zoo.registry import Preprocess
-
-    return pre if pre is not None else Preprocess(input_size=(800, 1333), crop_pct=None)
 
 
 def build_backbone_neck_rpn(cfg, *, anchor_cls=AnchorGenerator, rpn_cls=RPNHead) -> tuple[nn.Module, FPN, nn.Module]:

@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import os
-from typing import Union
+from typing import Any, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..errors import Res2DetError
-from ..zoo.registry import Preprocess
+from .errors import Res2DetError
+from .structures import Preprocess
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
 
@@ -124,3 +124,17 @@ def pad_batch(images: list[torch.Tensor], divisor: int = 32) -> torch.Tensor:
     hs, ws = [x.shape[-2] for x in images], [x.shape[-1] for x in images]
     ph, pw = -(-max(hs) // divisor) * divisor, -(-max(ws) // divisor) * divisor
     return torch.stack([F.pad(x, (0, pw - x.shape[-1], 0, ph - x.shape[-2])) for x in images])
+
+
+def image_list(images: Any) -> list:
+    """One image or a list of images -> a list; a 4-d tensor / array is a batch of images."""
+    if isinstance(images, (str, os.PathLike)) or not isinstance(images, (Sequence, torch.Tensor, np.ndarray)):
+        return [images]  # a path, a PIL image, or something to_rgb_uint8 will name as unsupported
+    if isinstance(images, (torch.Tensor, np.ndarray)):
+        return list(images) if images.ndim == 4 else [images]
+    return list(images)
+
+
+def detection_preprocess(pre: Preprocess | None) -> Preprocess:
+    """A detector's own ``Preprocess`` (set by ``create_model``), else ImageNet statistics and (800, 1333)."""
+    return pre if pre is not None else Preprocess(input_size=(800, 1333), crop_pct=None)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError
+from .errors import CheckpointError
 
 NAME_TABLE = "StructuredToParameterName@@"
 

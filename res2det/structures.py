@@ -1,10 +1,25 @@
-"""``Detections``: what ``TwoStageDetector.predict`` returns for one image, in that image's own pixels."""
+"""Plain data types shared by every layer: how a model expects its input (``Preprocess``) and what a detector
+returns for one image (``Detections``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+IMAGENET_MEAN = (123.675, 116.28, 103.53)  # RGB, 0..255 pixel scale
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How the weights expect their input: RGB pixels in 0..255, ``(x - mean) / std``."""
+
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    input_size: tuple[int, int] = (224, 224)  # (H, W); detectors: the (short, long) resize bounds
+    crop_pct: float | None = 0.875
+    interpolation: str = "bilinear"
 
 
 @dataclass
