@@ -35,15 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import res2det  # noqa: E402
 from backbone import parse_run_options, print_profile, time_interleaved, write_json  # noqa: E402
-from res2det.cli.benchmark import full_load_overrides  # noqa: E402
+from res2det.profiling import full_load_overrides  # noqa: E402
 
-try:
-    from res2det.cli.main import SHARED, seeded_reference_weights  # noqa: E402
-except ImportError:  # cli.main reaches pycocotools (datasets), which some GPU images lack: no seeded weights
-    SHARED = Path(__file__).resolve().parents[2] / "shared"
-
-    def seeded_reference_weights(model_name: str):
-        return None
+from shared_weights import SHARED, seeded_reference_weights  # noqa: E402
 from res2det.images import normalize  # noqa: E402
 from res2det.optimize import optimize_for_inference  # noqa: E402
 from res2det.utils.complexity import count_macs, count_params  # noqa: E402

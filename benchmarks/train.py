@@ -1,6 +1,6 @@
-"""Training benchmark: images/s and peak memory of a training step of Faster and Mask R-CNN R2-101 at 1333x800.
+"""Training benchmark: images/s and peak memory of a training step of Faster and Mask R-CNN R2-101 at 800x1333.
 
-    python benchmarks/train.py [--device cpu|cuda] [--amp] [--batch N] [--size 1333x800] [--warmup N]
+    python benchmarks/train.py [--device cpu|cuda] [--amp] [--batch N] [--size 800x1333] [--warmup N]
                                [--repeats N] [--threads N] [--models NAME ...] [--json OUT] [--readme PATH]
     python benchmarks/train.py --merge cpu.json gpu.json [--readme README.md]
 
@@ -27,8 +27,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from res2det.checkpoint import atomic_write  # noqa: E402
-from res2det.cli.benchmark import (DEFAULT_RUNS, check_device, load_runs, parse_size, rewrite_block,  # noqa: E402
-                                   run_isolated, run_label, run_meta)
+from res2det.cli.benchmark import load_runs, rewrite_block, run_isolated, run_label  # noqa: E402
+from res2det.cli.common import parse_size  # noqa: E402
+from res2det.profiling import DEFAULT_RUNS, check_device, run_meta  # noqa: E402
 from res2det.errors import Res2DetError  # noqa: E402
 
 MODELS = ["faster_rcnn_r2_101_fpn_2x_coco", "mask_rcnn_r2_101_fpn_2x_coco"]
@@ -65,7 +66,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--amp", action="store_true", help="also measure with autocast (bf16 on CPU, fp16 on CUDA)")
     ap.add_argument("--batch", type=int, help="images per step (default 1 on CPU, 2 on CUDA)")
-    ap.add_argument("--size", default="1333x800", help="WIDTHxHEIGHT (padded to a multiple of 32)")
+    ap.add_argument("--size", default="800x1333", help="HEIGHTxWIDTH (padded to a multiple of 32)")
     ap.add_argument("--warmup", type=int, help="untimed steps first (default 1 on CPU, 5 on CUDA)")
     ap.add_argument("--repeats", type=int, help="timed steps (default 3 on CPU, 20 on CUDA)")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads in each run (default: torch's)")

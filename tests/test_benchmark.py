@@ -14,8 +14,9 @@ import pytest
 import torch
 
 import res2det
-from res2det.cli.benchmark import (ZOO_MARKER, full_load_overrides, make_input, parse_size, rewrite_block,
-                                   zoo_markdown)
+from res2det.cli.benchmark import ZOO_MARKER, rewrite_block, zoo_markdown
+from res2det.cli.common import parse_size
+from res2det.profiling import full_load_overrides, make_input
 from res2det.cli.main import main
 from res2det.errors import Res2DetError
 from res2det.utils.complexity import count_macs, count_params
@@ -33,23 +34,25 @@ def _env(tmp_path) -> dict[str, str]:
 
 
 def test_parse_size():
-    assert parse_size("1333x800") == (1333, 800)
+    assert parse_size("800x1333") == (800, 1333)  # HEIGHTxWIDTH everywhere, as tensors are
     assert parse_size("224") == (224, 224)
     for bad in ("1333*800", "x800", "10x10", "abc", "800x"):
         with pytest.raises(Res2DetError):
             parse_size(bad)
+    with pytest.raises(Res2DetError, match="multiples of 32"):
+        parse_size("800x1333", multiple_of=32)
 
 
 def test_classifier_json(tmp_path):
     out = tmp_path / "r.json"
-    assert main(["benchmark", CLASSIFIER, "--size", "64x48", "--batch", "2", "--train", "--json", str(out), *FAST]) == 0
+    assert main(["benchmark", CLASSIFIER, "--size", "48x64", "--batch", "2", "--train", "--json", str(out), *FAST]) == 0
     data = json.loads(out.read_text())
     assert data["meta"]["device"] == "cpu" and data["meta"]["dtype"] == "fp32"
     (r,) = data["results"]
     model = res2det.create_model(CLASSIFIER)
     assert r["params"] == count_params(model)
     assert r["gflops"] * 1e9 == count_macs(model, torch.zeros(1, 3, 48, 64))
-    assert r["input_shape"] == [2, 3, 48, 64] and r["size"] == [64, 48]
+    assert r["input_shape"] == [2, 3, 48, 64] and r["size"] == [48, 64]
     assert len(r["latency_ms_runs"]) == 2 and r["latency_ms"] == pytest.approx(statistics.median(r["latency_ms_runs"]))
     assert r["fps"] == pytest.approx(2 * 1000 / r["latency_ms"])
     assert r["peak_memory_mb"] > 0 and r["optimize"] == "fuse"
@@ -61,7 +64,7 @@ def test_classifier_json(tmp_path):
 def test_detector_full_load_and_train(tmp_path):
     """GFLOPs are count_macs of the full-load model on the padded input; the heads see max_per_img detections."""
     out = tmp_path / "r.json"
-    assert main(["benchmark", TINY, "--size", "70x50", "--train", "--optimize", "none", "--json", str(out),
+    assert main(["benchmark", TINY, "--size", "50x70", "--train", "--optimize", "none", "--json", str(out),
                  *FAST]) == 0
     (r,) = json.loads(out.read_text())["results"]
     spec = get_spec(TINY)
@@ -70,7 +73,7 @@ def test_detector_full_load_and_train(tmp_path):
     assert 0 < r["proposals_per_image"][0] <= spec.config.rpn.test_proposals.max_per_img
     torch.manual_seed(0)
     model = res2det.create_model(TINY, **full_load_overrides(spec))
-    x, sizes = make_input(spec, (70, 50), 1, "cpu")
+    x, sizes = make_input(spec, (50, 70), 1, "cpu")
     assert r["gflops"] * 1e9 == count_macs(model, x, sizes)
     assert r["params"] == count_params(model)
     assert set(r["train"]["losses"]) >= {"loss_rpn_cls", "loss_cls", "loss_bbox", "loss_mask"}

@@ -18,7 +18,7 @@ LAYERS = [
     {"models"},  # backbones, necks, heads, detectors: nn.Modules built from typed configs
     {"checkpoint", "pdparams"},  # reading and writing weight files
     {"zoo"},  # named models, their published weights and key maps
-    {"data", "evaluation", "deploy", "engine", "optimize", "visualize", "utils"},
+    {"data", "evaluation", "deploy", "engine", "optimize", "visualize", "utils", "profiling"},
     {"cli", "__main__"},
 ]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}

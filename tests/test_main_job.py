@@ -1,28 +1,30 @@
-"""`res2det demo` (the R2-101 Mask R-CNN on a real photo) and the published-weights download path of a detector.
-The README's main job, `res2det train shapes`, is exercised by tests/test_engine_train.py."""
+"""`res2det infer` of the R2-101 Mask R-CNN on a real photo, drawn, and the published-weights download path of a
+detector. The README's main job, `res2det train shapes`, is exercised by tests/test_engine_train.py."""
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 
 import pytest
 from PIL import Image
 
 from res2det.cli.main import main
 
-from conftest import REFERENCE, SHARED
+from conftest import SHARED
 
 
 @pytest.mark.slow
-def test_demo_runs_a_detector_on_a_real_photo_and_draws_it(tmp_path, monkeypatch, capsys):
-    if not (REFERENCE / "seeded_weights.py").is_file() or not (SHARED / "data").is_dir():
+def test_infer_runs_a_detector_on_a_real_photo_and_draws_it(seeded_checkpoint, tmp_path, capsys):
+    photo = SHARED / "data" / "tiny_coco" / "val2017" / "000000006818.jpg"
+    if not photo.is_file():
         pytest.skip("../shared not beside the repository")
-    monkeypatch.setenv("RES2DET_CACHE", str(tmp_path / "cache"))
-    assert main(["demo", "--out", str(tmp_path / "out")]) == 0
-    out = capsys.readouterr().out
-    assert "seed-0 reference weights" in out and "100 detections" in out
-    png = tmp_path / "out" / "000000006818.png"
-    assert Image.open(png).size == (427, 640)
+    name = "mask_rcnn_r2_101_fpn_2x_coco"
+    assert main(["infer", "--model", name, "--weights", str(seeded_checkpoint(name)), str(photo),
+                 "--out", str(tmp_path / "dets.json"), "--draw", str(tmp_path / "drawn")]) == 0
+    (record,) = json.loads((tmp_path / "dets.json").read_text())
+    assert (record["width"], record["height"]) == (427, 640) and len(record["detections"]) == 100
+    assert Image.open(tmp_path / "drawn" / "000000006818.png").size == (427, 640)
 
 
 @pytest.mark.slow

@@ -330,8 +330,9 @@ def test_infer_onnx_with_a_fixed_size_graph(tiny_model, tmp_path, capsys):
     (["faster_rcnn_res2net50_vb_26w_4s_fpn_1x_coco"], "PaddleDetection-convention detectors"),
     ([TINY, "--weights", "{tmp}/missing.pth"], "{tmp}/missing.pth: checkpoint file not found"),
     ([TINY, "--size", "800x1000"], "the input size must be positive multiples of 32 (height x width), got 800x1000"),
-    ([TINY, "--size", "0x320"], "must be positive multiples of 32"),
-    ([TINY, "--size", "large"], "--size must be HxW (e.g. 800x1344), got 'large'"),
+    ([TINY, "--size", "0x320"], "height and width must lie in 16..8192"),
+    ([TINY, "--size", "large"], "--size must be HEIGHTxWIDTH (e.g. 800x1333), got 'large'"),
+    ([TINY, "--size", "320"], "--size must be HEIGHTxWIDTH"),
     ([TINY, "--size", "320x320", "--dynamic"], "give either --size HxW or --dynamic, not both"),
     ([TINY, "--out", "{tmp}"], "is a folder; --out takes the path of the .onnx file"),
 ])

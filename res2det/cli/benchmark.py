@@ -1,478 +1,30 @@
-"""``res2det benchmark``: params, GFLOPs, latency, fps and peak memory of zoo models, and the README zoo table.
-
-How the figures are made (the same text is in ``res2det benchmark --help`` and the README):
-
-* **GFLOPs**: multiply-adds of conv and linear layers per image (``res2det.utils.complexity.count_macs``; one
-  multiply-add counts as one "FLOP", the convention of the Res2Net and mmdetection tables), counted by hooks
-  during one real forward pass at the benchmark input (batch 1).
-* **Detector workload**: the input is a deterministic random image of WIDTHxHEIGHT, zero-padded to a multiple
-  of 32 as ``predict`` pads, with ``image_sizes`` the unpadded size. Weights are res2det's random
-  initialisation (seed 0) and the RoI heads run at full load: the test score threshold is set to 0, so the
-  box head sees all RPN proposals (1000 per image with mmdetection's test settings) and the mask head the
-  ``max_per_img`` = 100 detections: the upper bound of a trained model's RoI work (untrained weights would
-  otherwise return no detections). The JSON records the proposal and detection counts. Mask models' timed
-  call includes pasting the masks into the input.
-* **Latency**: median of ``--repeats`` timed calls after ``--warmup`` untimed ones, under
-  ``torch.inference_mode`` in eval mode (``torch.cuda.synchronize`` around each call on CUDA);
-  fps = batch / median latency. ``--optimize fuse`` (default) times ``res2det.optimize.optimize_for_inference(
-  select=False)``: BN folded, ReLU fused, Res2Net stage-block convs grouped, identical outputs up to rounding;
-  ``select`` adds the per-layer kernel selection measured on this machine (minutes per detector on CPU);
-  ``none`` times the eager model.
-* **Peak memory**: CUDA: ``torch.cuda.max_memory_allocated`` (reset at the start of the phase; weights
-  included). CPU: the process's peak resident set size (``VmHWM``, reset at the start of the phase through
-  ``/proc/self/clear_refs``) minus its resident size before the model was built: weights, activations and
-  whatever the allocator keeps, as the operating system sees it. ``--all`` runs every model in a fresh process.
-* **Training** (``--train``): one SGD step (lr 0.02 x batch / 16, momentum 0.9, weight decay 1e-4;
-  zero_grad, forward with synthetic targets, backward, step) in train mode with the model's frozen stages and
-  BN settings; four boxes per image with box masks (and an HTC semantic map). Median step time after warm-up,
-  images/s = batch / median, peak memory as above.
-* ``--amp``: ``torch.autocast`` in bfloat16 on CPU, float16 on CUDA (training: with a ``GradScaler``).
-"""
+"""``res2det benchmark``: params, GFLOPs, latency, fps and peak memory of zoo models (measured by
+``res2det.profiling``, whose docstring says how), and the README zoo table."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import datetime
-import functools
-import gc
-import hashlib
 import json
 import os
-import platform
-import re
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from ..version import __version__
-from ..checkpoint import atomic_write, cache_dir
+from ..checkpoint import atomic_write
 from ..errors import Res2DetError
-from ..models.losses import total_loss
-from .common import text_table
+from .. import profiling
+from ..profiling import benchmark_model, check_options, default_size, is_detector, run_meta
+from .common import parse_size, text_table
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the res2det package
 README = PACKAGE_ROOT / "README.md"
 ZOO_MARKER = "zoo-table"
-GFLOPS_CONVENTION = "conv + linear multiply-adds per image (count_macs; 1 MAC = 1 FLOP, the seed tables' convention)"
-DEFAULT_RUNS = {"cpu": (1, 3), "cuda": (5, 20)}  # (warm-up, timed) calls
 
 
-# ------------------------------------------------------------------------------------------ inputs and models
-def parse_size(text: str) -> tuple[int, int]:
-    """'1333x800' (WIDTHxHEIGHT) or '224' (square) -> (width, height)."""
-    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*", str(text))
-    if not m:
-        raise Res2DetError(f"--size must be WIDTHxHEIGHT (e.g. 1333x800) or one number, got {text!r}")
-    w, h = int(m[1]), int(m[2] or m[1])
-    if not (16 <= w <= 8192 and 16 <= h <= 8192):
-        raise Res2DetError(f"--size {text!r}: width and height must lie in 16..8192")
-    return w, h
-
-
-def is_detector(spec) -> bool:
-    return spec.task != "classification"
-
-
-def default_size(spec) -> tuple[int, int]:
-    """The model's own input: (width, height). Classifiers: preprocess.input_size (H, W); detectors: the
-    (short, long) resize bounds as a landscape image, e.g. 1333x800."""
-    a, b = spec.preprocess.input_size
-    return (max(a, b), min(a, b)) if is_detector(spec) else (b, a)
-
-
-def make_input(spec, size: tuple[int, int], batch: int, device: str) -> tuple[torch.Tensor, list | None]:
-    """(images, image_sizes): a seeded standard-normal batch (what a normalised image looks like to the
-    network); detectors' images zero-padded to a multiple of 32 with ``image_sizes`` the unpadded size."""
-    w, h = size
-    g = torch.Generator().manual_seed(0)
-    if not is_detector(spec):
-        return torch.randn(batch, 3, h, w, generator=g).to(device), None
-    hp, wp = -(-h // 32) * 32, -(-w // 32) * 32
-    x = torch.zeros(batch, 3, hp, wp)
-    x[:, :, :h, :w] = torch.randn(batch, 3, h, w, generator=g)
-    return x.to(device), [(h, w)] * batch
-
-
-def full_load_overrides(spec) -> dict[str, Any]:
-    """Detectors: test score threshold 0, so untrained weights fill the ``max_per_img`` detections (see the
-    module docstring); classifiers: nothing."""
-    if not is_detector(spec):
-        return {}
-    return {"rcnn_test": dataclasses.replace(spec.config.roi_head.rcnn_test, score_thr=0.0)}
-
-
-def build_model(name: str, device: str = "cpu", *, full_load: bool = True) -> torch.nn.Module:
-    from ..zoo import create_model, get_spec
-
-    spec = get_spec(name)
-    torch.manual_seed(0)
-    return create_model(name, **(full_load_overrides(spec) if full_load else {})).to(device)
-
-
-def _call(model, x: torch.Tensor, sizes: list | None):
-    return model(x) if sizes is None else model(x, sizes)
-
-
-def count_forward(model, x: torch.Tensor, sizes: list | None) -> dict[str, Any]:
-    """Conv + linear MACs of one forward pass on ``x`` (count_macs) and, for detectors, the proposals and
-    detections per image that pass produced."""
-    from ..utils.complexity import count_macs
-
-    seen: dict[str, Any] = {}
-    rpn = getattr(model, "rpn_head", None)
-    if rpn is not None:
-        predict = rpn.predict_proposals
-
-        def recording(*args, **kwargs):
-            proposals = predict(*args, **kwargs)
-            seen["proposals_per_image"] = [int(p[0].shape[0]) for p in proposals]
-            return proposals
-
-        rpn.predict_proposals = recording  # instance attribute; removed below
-    handle = model.register_forward_hook(lambda m, a, out: seen.__setitem__("out", out))
-    try:
-        macs = count_macs(model, x) if sizes is None else count_macs(model, x, sizes)
-    finally:
-        handle.remove()
-        if rpn is not None:
-            del rpn.predict_proposals
-    out = seen.pop("out")
-    if sizes is not None:
-        seen["detections_per_image"] = [int(d["boxes"].shape[0]) for d in out]
-    return {"macs": macs, **seen}
-
-
-# ---------------------------------------------------------------------------------------------- measuring
-def _proc_status(field: str) -> int | None:
-    try:
-        text = Path("/proc/self/status").read_text()
-    except OSError:
-        return None
-    m = re.search(rf"^{field}:\s+(\d+)\s+kB", text, re.M)
-    return int(m[1]) * 1024 if m else None
-
-
-def rss_bytes() -> int:
-    rss = _proc_status("VmRSS")
-    return rss if rss is not None else 0
-
-
-def _peak_rss_bytes() -> int:
-    peak = _proc_status("VmHWM")
-    if peak is not None:
-        return peak
-    import resource  # not on Windows; only needed where /proc is missing
-
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return maxrss if sys.platform == "darwin" else maxrss * 1024
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-class PeakMemory:
-    """Peak memory of the code inside ``with``: CUDA max_memory_allocated (reset on entry), or on CPU the
-    process's peak RSS (reset on entry where Linux allows) minus ``baseline`` (its RSS before the model)."""
-
-    def __init__(self, device: str, baseline: int = 0):
-        self.device, self.baseline, self.peak, self.method = device, baseline, 0, ""
-
-    def __enter__(self) -> "PeakMemory":
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.method = "torch.cuda.max_memory_allocated"
-        elif _proc_status("VmHWM") is None:
-            self.method = "process peak RSS since start (getrusage; no /proc: not reset, no baseline)"
-        else:
-            reset = _reset_peak_rss()
-            self.method = ("peak RSS (VmHWM, reset per phase) - RSS before the model was built" if reset else
-                           "process peak RSS since start (could not reset) - RSS before the model was built")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated()
-        else:
-            self.peak = max(0, _peak_rss_bytes() - self.baseline)
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def autocast(device: str, amp: bool):
-    return torch.autocast(device, dtype=torch.float16 if device == "cuda" else torch.bfloat16, enabled=amp)
-
-
-def time_calls(fn: Callable[[], Any], *, warmup: int, repeats: int, device: str, desc: str,
-               progress: bool) -> list[float]:
-    """Seconds of each of ``repeats`` calls after ``warmup`` untimed ones (a progress bar on stderr)."""
-    from tqdm import tqdm
-
-    times = []
-    with tqdm(total=warmup + repeats, desc=desc, unit="call", file=sys.stderr, disable=not progress,
-              leave=False, dynamic_ncols=True) as bar:
-        for _ in range(warmup):
-            fn()
-            _sync(device)
-            bar.update()
-        for _ in range(repeats):
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times.append(time.perf_counter() - start)
-            bar.update()
-            bar.set_postfix_str(f"median {statistics.median(times) * 1000:.1f} ms")
-    return times
-
-
-_BOXES = ((0.10, 0.10, 0.45, 0.60), (0.40, 0.30, 0.90, 0.90), (0.05, 0.55, 0.30, 0.95), (0.60, 0.05, 0.95, 0.40))
-
-
-def synthetic_targets(config, x: torch.Tensor, sizes: list) -> list[dict[str, torch.Tensor]]:
-    """Four boxes per image (fractions of its unpadded size), labels, box-shaped masks padded to the input,
-    and for HTC's semantic branch a label map: the training interface of the detectors."""
-    head = config.roi_head
-    hp, wp = x.shape[-2:]
-    targets = []
-    for i, (h, w) in enumerate(sizes):
-        boxes = torch.tensor(_BOXES) * torch.tensor([w, h, w, h], dtype=torch.float32)
-        labels = (torch.arange(len(_BOXES)) + i) % head.num_classes
-        t = {"boxes": boxes.to(x.device), "labels": labels.to(x.device)}
-        ints = boxes.round().long().tolist()
-        if head.with_mask:
-            masks = torch.zeros(len(ints), hp, wp, dtype=torch.uint8)
-            for k, (x1, y1, x2, y2) in enumerate(ints):
-                masks[k, y1:y2, x1:x2] = 1
-            t["masks"] = masks.to(x.device)
-        if getattr(head, "with_semantic", False):
-            semantic = torch.zeros(h, w, dtype=torch.long)
-            for label, (x1, y1, x2, y2) in zip(labels.tolist(), ints):
-                semantic[y1:y2, x1:x2] = label + 1
-            t["semantic"] = semantic.to(x.device)
-        targets.append(t)
-    return targets
-
-
-def measure_training(name: str, *, device: str = "cpu", size: tuple[int, int] | None = None, batch: int = 1,
-                     amp: bool = False, warmup: int = 1, repeats: int = 3, baseline: int | None = None,
-                     progress: bool = True) -> dict[str, Any]:
-    """Median time and peak memory of one training step of zoo model ``name`` (see the module docstring)."""
-    from ..zoo import get_spec
-
-    spec = get_spec(name)
-    size = size or default_size(spec)
-    baseline = rss_bytes() if baseline is None else baseline
-    model = build_model(name, device, full_load=False).train()
-    x, sizes = make_input(spec, size, batch, device)
-    if sizes is None:
-        labels = torch.arange(batch, device=device) % spec.config.num_classes
-        targets = None
-    else:
-        targets = synthetic_targets(model.config, x, sizes)
-    lr = 0.02 * batch / 16
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9,
-                                weight_decay=1e-4)
-    scaler = torch.amp.GradScaler("cuda") if amp and device == "cuda" else None
-    last: dict[str, torch.Tensor] = {}
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(device, amp):
-            if targets is None:
-                losses = {"loss_cls": F.cross_entropy(model(x).float(), labels)}
-            else:
-                losses = model(x, image_sizes=sizes, targets=targets)
-        total = total_loss(losses)
-        if scaler is not None:
-            scaler.scale(total).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            total.backward()
-            optimizer.step()
-        last.clear()
-        last.update({k: v.detach() for k, v in losses.items()})
-
-    with PeakMemory(device, baseline) as mem:
-        times = time_calls(step, warmup=warmup, repeats=repeats, device=device, desc=f"{name} train step",
-                           progress=progress)
-    median = statistics.median(times)
-    result = dict(step_ms=median * 1000, step_ms_runs=[t * 1000 for t in times], images_per_s=batch / median,
-                  peak_memory_mb=mem.peak / 2**20, memory_method=mem.method, batch=batch, size=list(size),
-                  optimizer=f"SGD lr {lr:g} momentum 0.9 wd 1e-4", warmup=warmup, repeats=repeats,
-                  losses={k: float(v) for k, v in last.items()})
-    return result
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def check_device(device: str) -> None:
-    if device == "cuda" and not torch.cuda.is_available():
-        raise Res2DetError(f"--device cuda: CUDA is not available here (torch {torch.__version__}"
-                           f"{', a CPU-only build' if torch.version.cuda is None else ', no GPU visible'})")
-
-
-def check_options(*, device: str, amp: bool, optimize: str, batch: int, warmup: int | None,
-                  repeats: int | None) -> tuple[int, int]:
-    """Validate the options (one clear error each); returns (warm-up, timed) calls with the device defaults."""
-    check_device(device)
-    if batch < 1:
-        raise Res2DetError(f"--batch must be >= 1, got {batch}")
-    if optimize not in ("none", "fuse", "select"):
-        raise Res2DetError(f"--optimize must be none, fuse or select, got {optimize!r}")
-    if optimize == "select" and (device != "cpu" or amp):
-        raise Res2DetError("--optimize select measures CPU fp32 kernels: use it on --device cpu without --amp")
-    default_warmup, default_repeats = DEFAULT_RUNS[device]
-    warmup = default_warmup if warmup is None else warmup
-    repeats = default_repeats if repeats is None else repeats
-    if warmup < 0 or repeats < 1:
-        raise Res2DetError(f"--warmup must be >= 0 and --repeats >= 1, got {warmup} and {repeats}")
-    return warmup, repeats
-
-
-def run_meta(device: str, amp: bool) -> dict[str, Any]:
-    return dict(device=device, device_name=device_name(device), amp=amp,
-                dtype=("fp16" if device == "cuda" else "bf16") if amp else "fp32",
-                threads=torch.get_num_threads(), torch=torch.__version__, res2det=__version__,
-                python=platform.python_version(), cuda=torch.version.cuda if device == "cuda" else None,
-                date=datetime.date.today().isoformat())
-
-
-def benchmark_model(name: str, *, device: str = "cpu", size: tuple[int, int] | None = None, batch: int = 1,
-                    amp: bool = False, train: bool = False, train_only: bool = False, warmup: int | None = None,
-                    repeats: int | None = None, optimize: str = "fuse", progress: bool = True) -> dict[str, Any]:
-    """Benchmark one zoo model; returns the JSON record (see the module docstring for the methods)."""
-    from ..optimize import optimize_for_inference
-    from ..utils.complexity import count_params
-    from ..zoo import get_spec
-
-    spec = get_spec(name)
-    warmup, repeats = check_options(device=device, amp=amp, optimize=optimize, batch=batch, warmup=warmup,
-                                    repeats=repeats)
-    size = size or default_size(spec)
-    baseline = rss_bytes()
-    say = (lambda msg: print(f"[{name}] {msg}", file=sys.stderr, flush=True)) if progress else (lambda msg: None)
-
-    say(f"building ({spec.task}, {size[0]}x{size[1]}, batch {batch}, {device}{', amp' if amp else ''})")
-    model = build_model(name, device).eval()
-    x, sizes = make_input(spec, size, batch, device)
-    result: dict[str, Any] = dict(
-        model=name, task=spec.task, origin=spec.origin, **run_meta(device, amp), batch=batch, size=list(size),
-        input_shape=list(x.shape), params=count_params(model), gflops_convention=GFLOPS_CONVENTION)
-    result["params_m"] = result["params"] / 1e6
-    say("counting conv + linear multiply-adds (one forward pass)")
-    counted = count_forward(model, x[:1], None if sizes is None else sizes[:1])
-    result["gflops"] = counted.pop("macs") / 1e9
-    result.update(counted)
-
-    if not train_only:
-        start = time.perf_counter()
-        if optimize != "none":
-            say(f"optimising for inference ({'BN folding + kernel selection' if optimize == 'select' else 'BN folding'})")
-            run_model = optimize_for_inference(model, x, select=optimize == "select")
-            del model
-            gc.collect()
-        else:
-            run_model = model
-        result.update(optimize=optimize, optimize_s=time.perf_counter() - start)
-
-        def infer() -> None:
-            with torch.inference_mode(), autocast(device, amp):
-                _call(run_model, x, sizes)
-
-        with PeakMemory(device, baseline) as mem:
-            times = time_calls(infer, warmup=warmup, repeats=repeats, device=device, desc=f"{name} inference",
-                               progress=progress)
-        median = statistics.median(times)
-        result.update(warmup=warmup, repeats=repeats, latency_ms=median * 1000,
-                      latency_ms_runs=[t * 1000 for t in times], fps=batch / median,
-                      peak_memory_mb=mem.peak / 2**20, memory_method=mem.method)
-        del run_model
-    else:
-        del model
-    gc.collect()
-    if train or train_only:
-        say("training step")
-        result["train"] = measure_training(name, device=device, size=size, batch=batch, amp=amp, warmup=warmup,
-                                           repeats=repeats, baseline=baseline, progress=progress)
-    return result
-
-
-# ----------------------------------------------------------------------------- complexity for `res2det zoo`
-@functools.lru_cache(maxsize=None)
-def _code_fingerprint() -> str:
-    h = hashlib.sha1()
-    for path in sorted((PACKAGE_ROOT / "res2det").rglob("*.py")):
-        h.update(path.relative_to(PACKAGE_ROOT).as_posix().encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def model_complexity(name: str, size: tuple[int, int] | None = None, *, use_cache: bool = True) -> tuple[int, float]:
-    """(params, GFLOPs per image) of a zoo model at ``size`` (default: its benchmark input), measured as
-    ``res2det benchmark`` does. Cached in the res2det cache folder per version of res2det's source code."""
-    from ..utils.complexity import count_params
-    from ..zoo import get_spec
-
-    spec = get_spec(name)
-    size = size or default_size(spec)
-    path = cache_dir() / "complexity.json"
-    fingerprint = _code_fingerprint() if use_cache else ""
-    key = f"{name}|{size[0]}x{size[1]}"
-    cached: dict = {}
-    if use_cache and path.is_file():
-        try:
-            cached = json.loads(path.read_text())
-        except (OSError, ValueError):
-            cached = {}
-        if cached.get("code") != fingerprint:
-            cached = {}
-        if key in cached.get("models", {}):
-            params, gflops = cached["models"][key]
-            return int(params), float(gflops)
-    model = build_model(name).eval()
-    x, sizes = make_input(spec, size, 1, "cpu")
-    params, gflops = count_params(model), count_forward(model, x, sizes)["macs"] / 1e9
-    if use_cache:
-        cached = {"code": fingerprint, "models": {**cached.get("models", {}), key: [params, gflops]}}
-        text = json.dumps(cached, indent=1)
-        try:
-            atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-        except OSError:
-            pass  # a read-only cache folder only costs the next run the measurement
-    return params, gflops
-
-
-# ---------------------------------------------------------------------------------- published figures
 _METRIC_NAMES = {"top1": "top-1", "box_ap": "box AP", "mask_ap": "mask AP"}
 
 
@@ -688,11 +240,11 @@ def run_all(models: list[str], *, device: str = "cpu", det_size: tuple[int, int]
 
 
 # ------------------------------------------------------------------------------------------ the command
-HELP = (__doc__ or "").partition("How the figures are made")[2].partition("\n")[2]  # the method bullets
+HELP = (profiling.__doc__ or "").partition("How the figures are made")[2].partition("\n")[2]  # the method bullets
 
 EPILOG = """examples:
   res2det benchmark res2net50_26w_4s                     # CPU, 224x224, batch 1
-  res2det benchmark mask_rcnn_r2_101_fpn_2x_coco --size 1333x800 --train --json mask.json
+  res2det benchmark mask_rcnn_r2_101_fpn_2x_coco --size 800x1333 --train --json mask.json
   res2det benchmark --all --json bench_out/zoo_cpu.json  # every zoo row; rewrites the README zoo table
   res2det benchmark --all --device cuda --json bench_out/zoo_cuda.json --readme none   # on a GPU machine
   res2det benchmark --merge bench_out/zoo_cpu.json bench_out/zoo_cuda.json           # one table, both runs
@@ -717,8 +269,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    "files of several runs (e.g. a CPU and a GPU machine); measures nothing")
     p.add_argument("--models", nargs="+", metavar="NAME", help="with --all: only these models")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--size", help="input WIDTHxHEIGHT, e.g. 1333x800 (default: the model's own: 224x224 for "
-                   "classifiers, 1333x800 for the COCO detectors)")
+    p.add_argument("--size", help="input HEIGHTxWIDTH, e.g. 800x1333 (default: the model's own: 224x224 for "
+                   "classifiers, 800x1333 for the COCO detectors)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--amp", action="store_true", help="autocast: bfloat16 on CPU, float16 on CUDA")
     p.add_argument("--train", action="store_true", help="also time one training step (SGD, synthetic targets)")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from ..errors import Res2DetError
@@ -11,6 +12,22 @@ def text_table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def parse_size(text: str, *, multiple_of: int = 1, square_ok: bool = True) -> tuple[int, int]:
+    """``--size`` as every subcommand takes it: ``HEIGHTxWIDTH`` (``800x1333``), as tensors are laid out, or one
+    number for a square; each side 16..8192 and a multiple of ``multiple_of``."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*", str(text))
+    if not m or (m[2] is None and not square_ok):
+        example = "800x1344" if multiple_of > 1 else "800x1333"
+        raise Res2DetError(f"--size must be HEIGHTxWIDTH (e.g. {example}){' or one number' if square_ok else ''}, "
+                           f"got {text!r}")
+    h, w = int(m[1]), int(m[2] or m[1])
+    if not (16 <= h <= 8192 and 16 <= w <= 8192):
+        raise Res2DetError(f"--size {text!r}: height and width must lie in 16..8192")
+    if h % multiple_of or w % multiple_of:
+        raise Res2DetError(f"--size {text!r}: height and width must be multiples of {multiple_of}")
+    return h, w
 
 
 def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:

@@ -7,12 +7,14 @@ import time
 from pathlib import Path
 
 from ..errors import Res2DetError
+from .common import parse_size
 
 DETECTION_TASKS = ("detection", "instance_segmentation")
 
 
 def cmd_export(args) -> None:
-    from ..deploy import export_onnx, parse_size
+    from ..deploy import export_onnx
+    from ..deploy.export import check_size
     from ..zoo import create_model, get_spec, list_models
 
     spec = get_spec(args.model)
@@ -24,7 +26,9 @@ def cmd_export(args) -> None:
                            "export an mmdetection row")
     if args.size is not None and args.dynamic:
         raise Res2DetError("give either --size HxW or --dynamic, not both")
-    size = parse_size(args.size) if args.size is not None else None
+    size = parse_size(args.size, square_ok=False) if args.size is not None else None
+    if size is not None:
+        check_size(size)
     out = Path(args.out)
     if out.is_dir():
         raise Res2DetError(f"{out}: is a folder; --out takes the path of the .onnx file to write")

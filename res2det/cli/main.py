@@ -28,7 +28,8 @@ def cmd_zoo(args) -> None:
     from tqdm import tqdm
 
     from ..zoo import MODELS, get_spec
-    from .benchmark import default_size, model_complexity, published_text, releases
+    from ..profiling import default_size, model_complexity
+    from .benchmark import published_text, releases
 
     names = sorted(MODELS, key=lambda n: (MODELS[n].task, n))
     if args.models:
@@ -74,72 +75,6 @@ def cmd_classify(args) -> None:
             probs = model(x).softmax(-1)[0]
         top = probs.topk(args.topk)
         print(f"{image}: " + ", ".join(f"class {i} ({p:.3f})" for p, i in zip(top.values.tolist(), top.indices.tolist())))
-
-
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
-
-
-def default_image() -> Path:
-    """A real photo from ../shared/data beside the repository (the bundled default of the main job)."""
-    path = SHARED / "data" / "tiny_coco" / "val2017" / "000000006818.jpg"
-    if not path.is_file():
-        raise Res2DetError(f"{path}: default image not found (../shared must sit beside the repository); pass IMAGE")
-    return path
-
-
-def seeded_reference_weights(model_name: str) -> Path | None:
-    """Deterministic seed-0 weights in the reference framework's own layout (../shared/reference), cached.
-
-    They are not trained: a model loaded with them gives the same tensors as mmdetection/timm/Paddle with the
-    same weights (the parity fixtures), which makes them a faithful stand-in where no released file is at hand.
-    """
-    import importlib.util
-
-    from ..checkpoint import atomic_torch_save, cache_dir
-
-    script, layout = SHARED / "reference" / "seeded_weights.py", SHARED / "reference" / "layouts" / f"{model_name}.json"
-    if not (script.is_file() and layout.is_file()):
-        return None
-    target = cache_dir() / "seeded" / f"{model_name}-seed0.pth"
-    if not target.is_file():
-        spec = importlib.util.spec_from_file_location("_res2det_seeded_weights", script)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        atomic_torch_save(module.seeded_state_dict(module.load_layout(layout), 0), target)
-    return target
-
-
-def cmd_demo(args) -> None:
-    from ..utils.complexity import count_params
-    from ..visualize import draw_detections
-    from ..zoo import create_model, get_spec
-
-    from ..images import load_image
-
-    image = Path(args.image) if args.image else default_image()
-    if get_spec(args.model).task not in DETECTION_TASKS:
-        raise Res2DetError(f"demo runs a detector; {args.model} is not one")
-    weights = args.weights
-    if weights is None:
-        weights = seeded_reference_weights(args.model)
-        if weights is None:
-            print(f"weights: none on this machine for {args.model}: randomly initialised, detections mean nothing")
-        else:
-            print(f"weights: seed-0 reference weights in mmdetection's layout ({weights}); NOT trained, so the "
-                  "detections are meaningless as objects, but they are exactly what mmdetection computes with the "
-                  "same weights. Pass --weights FILE (or --weights mmdet where it can be downloaded) for real ones.")
-    model = create_model(args.model, weights=None if weights is None else str(weights)).eval()
-    print(f"model {args.model}: {count_params(model) / 1e6:.1f} M params")
-    start = time.perf_counter()
-    det = model.predict(image)[0]
-    print(f"image {image} ({det.width}x{det.height}): {len(det)} detections in {time.perf_counter() - start:.1f} s")
-    for i in range(min(5, len(det))):
-        box = ", ".join(f"{v:.0f}" for v in det.boxes[i].tolist())
-        print(f"  {det.categories[i]:<14s} {det.scores[i]:.3f}  [{box}]")
-    out = Path(args.out) / f"{image.stem}.png"
-    picture = draw_detections(np.asarray(load_image(image)), det, score_thr=args.score_thr)
-    atomic_write(out, lambda tmp: picture.save(tmp, format="PNG"))
-    print(f"drawn (score >= {args.score_thr}): {out}")
 
 
 DETECTION_TASKS = ("detection", "instance_segmentation")
@@ -249,13 +184,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.set_defaults(func=cmd_infer)
 
-    p = sub.add_parser("demo", help="the main job: a Res2Net detector on a real photo, drawn")
-    p.add_argument("--model", default="mask_rcnn_r2_101_fpn_2x_coco")
-    p.add_argument("--weights", help="checkpoint (default: the seeded reference weights from ../shared)")
-    p.add_argument("--out", default="demo_out", help="folder for the drawing")
-    p.add_argument("--score-thr", type=float, default=0.3, help="drawing threshold")
-    p.add_argument("image", nargs="?", help="default: a tiny_coco photo from ../shared/data")
-    p.set_defaults(func=cmd_demo)
 
     from .train import add_parsers as add_train_parsers
 

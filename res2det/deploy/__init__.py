@@ -3,8 +3,8 @@ with ``predict``'s pre- and post-processing.
 
 ``export_onnx(model, path, size=None)`` writes the graph; ``OnnxDetector(path).predict(images)`` runs it.
 Needs the ``onnx`` extra (onnx, onnxruntime)."""
-from .export import export_onnx, parse_size
+from .export import export_onnx
 from .graph import DetectionGraph
 from .runner import GraphInfo, OnnxDetector, graph_inputs
 
-__all__ = ["export_onnx", "parse_size", "DetectionGraph", "OnnxDetector", "GraphInfo", "graph_inputs"]
+__all__ = ["export_onnx", "DetectionGraph", "OnnxDetector", "GraphInfo", "graph_inputs"]

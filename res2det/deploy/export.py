@@ -20,17 +20,6 @@ from .runner import METADATA_KEY, SIZE_DIVISOR, GraphInfo
 TRACE_SIZE = (320, 320)
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """``'800x1344'`` -> ``(800, 1344)``: height x width, positive multiples of 32."""
-    parts = text.lower().split("x")
-    try:
-        h, w = (int(p) for p in parts)
-    except ValueError:
-        raise Res2DetError(f"--size must be HxW (e.g. 800x1344), got {text!r}") from None
-    check_size((h, w))
-    return h, w
-
-
 def check_size(size: Sequence[int]) -> None:
     h, w = (int(v) for v in size)
     if h <= 0 or w <= 0 or h % SIZE_DIVISOR or w % SIZE_DIVISOR:
@@ -101,4 +90,4 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, *, size: Sequen
     return path
 
 
-__all__ = ["export_onnx", "parse_size", "check_size", "TRACE_SIZE"]
+__all__ = ["export_onnx", "check_size", "TRACE_SIZE"]

@@ -11,7 +11,6 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from ..models.heads import RandomSampler
