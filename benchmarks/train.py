@@ -5,7 +5,7 @@
     python benchmarks/train.py --merge cpu.json gpu.json [--readme README.md]
 
 Each (model, precision) runs in a fresh process as ``res2det benchmark MODEL --train-only`` (the training step
-of ``res2det benchmark --train``, see ``res2det/cli/benchmark.py``): one SGD step (lr 0.02 x batch / 16,
+of ``res2det benchmark --train``, see ``res2det/profiling.py``): one SGD step (lr 0.02 x batch / 16,
 momentum 0.9, weight decay 1e-4) on ``model(images, targets)`` in train mode, with the zoo config's frozen
 stem + first stage and frozen BN statistics, on a seeded random batch with four boxes (and box masks) per
 image. The median step time after warm-up gives images/s = batch / median. Peak memory: CUDA

@@ -13,11 +13,11 @@ from res2det.errors import CheckpointError
 from res2det.models.losses import total_loss
 from res2det.models.backbones import BackboneConfig
 from res2det.models.detectors import FPNConfig
-from res2det.models.detectors.cascade import (CASCADE_TRAIN, CascadeDetector, CascadeDetectorConfig,
+from res2det.models.detectors.cascade_detector import (CASCADE_TRAIN, CascadeDetector, CascadeDetectorConfig,
                                               CascadeRoIHeadConfig, build_cascade_detector)
 from res2det.models.heads import ProposalConfig, RandomSampler
 from res2det.zoo import get_spec
-from res2det.zoo.cascade import mmdet_cascade_to_res2det
+from res2det.zoo.mmdetection_cascade import mmdet_cascade_to_res2det
 
 from conftest import REFERENCE
 from test_det_parity import run_parity

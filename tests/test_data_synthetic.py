@@ -10,7 +10,7 @@ import pytest
 from pycocotools.coco import COCO
 
 from res2det.data import CocoDataset, shapes_dataset, shapes_splits, synthetic
-from res2det.data.coco import decode_mask
+from res2det.data.coco_dataset import decode_mask
 from res2det.structures import Preprocess
 
 # pycocotools' annToMask: its Cython __array__ predates NumPy 2's copy keyword

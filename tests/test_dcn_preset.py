@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import res2det
-from res2det.zoo.detectors import mmdet_to_res2det
+from res2det.zoo.mmdetection import mmdet_to_res2det
 
 from conftest import REFERENCE
 from test_det_parity import run_parity

@@ -15,7 +15,7 @@ from res2det import Detections, Res2DetError
 from res2det.images import detection_input, pad_batch, rescale_size, resize_bilinear
 from res2det.models.detectors import build_detector
 from res2det.visualize import draw_detections, label_color
-from res2det.zoo.detectors import COCO_CLASSES, DETECTION_PREPROCESS
+from res2det.zoo.mmdetection import COCO_CLASSES, DETECTION_PREPROCESS
 from res2det.structures import Preprocess
 
 from conftest import MASK_RCNN, PHOTO, REFERENCE

@@ -17,7 +17,7 @@ from res2det.models.heads import (AnchorGenerator, DeltaXYWHBBoxCoder, MaxIoUAss
                                   multiclass_nms, paste_masks)
 from res2det.models.heads.roi_head import RCNNTrainConfig
 from res2det.models.losses import total_loss
-from res2det.zoo.detectors import COCO_CLASSES, mmdet_to_res2det
+from res2det.zoo.mmdetection import COCO_CLASSES, mmdet_to_res2det
 
 from conftest import REFERENCE
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from res2det.engine.config import DataConfig, Recipe, TrainConfig
+from res2det.engine.train_config import DataConfig, Recipe, TrainConfig
 from res2det.engine.trainer import NonFiniteLossError, Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ def tiny_config(root: Path, **changes) -> TrainConfig:
 
 
 def _write_config(path: Path, cfg: TrainConfig) -> Path:
-    path.write_text("from res2det.engine.config import *\nconfig = " + repr(cfg) + "\n")
+    path.write_text("from res2det.engine.train_config import *\nconfig = " + repr(cfg) + "\n")
     return path
 
 

@@ -10,8 +10,8 @@ import textwrap
 import pytest
 import torch
 
-from res2det.engine.checkpoints import CheckpointManager, load_training_checkpoint, rng_state, set_rng_state
-from res2det.engine.config import RECIPES, Recipe, TrainConfig, apply_settings, load_config, presets
+from res2det.engine.run_checkpoints import CheckpointManager, load_training_checkpoint, rng_state, set_rng_state
+from res2det.engine.train_config import RECIPES, Recipe, TrainConfig, apply_settings, load_config, presets
 from res2det.engine.schedule import build_optimizer, build_scheduler, lr_factor, scaled_lr
 from res2det.errors import CheckpointError, Res2DetError
 from res2det.zoo import MODELS
@@ -86,7 +86,7 @@ def test_set_edits_typed_fields():
 def test_config_file_and_unknown_preset(tmp_path):
     path = tmp_path / "my.py"
     path.write_text(textwrap.dedent("""
-        from res2det.engine.config import TrainConfig, RECIPES
+        from res2det.engine.train_config import TrainConfig, RECIPES
         config = TrainConfig(model="mask_rcnn_r2_tiny_fpn", recipe=RECIPES["1x"], batch_size=3)
     """))
     cfg = load_config(str(path))
@@ -140,7 +140,7 @@ def test_killed_writer_never_corrupts_latest(tmp_path):
     """A process killed while it writes checkpoints in a loop leaves ``latest`` naming a complete file."""
     script = textwrap.dedent(f"""
         import torch
-        from res2det.engine.checkpoints import CheckpointManager
+        from res2det.engine.run_checkpoints import CheckpointManager
         mgr = CheckpointManager({str(tmp_path)!r}, keep_last=2)
         torch.manual_seed(0)
         big = torch.randn(2_000_000)

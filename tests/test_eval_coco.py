@@ -1,4 +1,4 @@
-"""res2det.evaluation.coco against pycocotools run directly, on the real tiny_coco val annotations and
+"""res2det.evaluation.coco_eval against pycocotools run directly, on the real tiny_coco val annotations and
 predictions made from them (perturbed: jittered, dropped, duplicated, mislabelled, randomly scored)."""
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 import res2det
-from res2det.engine.config import apply_settings, load_config
+from res2det.engine.train_config import apply_settings, load_config
 from res2det.errors import Res2DetError
 from res2det.overrides import apply_overrides
 from res2det.zoo import get_spec

@@ -51,7 +51,7 @@ def test_paddle_predict_pastes_at_original_size(seeded_checkpoint):
     assert len(det.boxes) > 0 and det.masks is not None and det.masks.shape == (len(det.boxes), h, w)
     assert bool((det.boxes[:, 0::2] >= 0).all() and (det.boxes[:, 0::2] <= w).all())
     assert bool((det.boxes[:, 1::2] >= 0).all() and (det.boxes[:, 1::2] <= h).all())
-    assert bool((det.labels >= 0).all()) and all(c in res2det.zoo.detectors.COCO_CLASSES for c in det.categories)
+    assert bool((det.labels >= 0).all()) and all(c in res2det.zoo.mmdetection.COCO_CLASSES for c in det.categories)
     # masks lie inside their (clipped) boxes, up to a pixel
     for box, mask in zip(det.boxes, det.masks):
         ys, xs = mask.nonzero(as_tuple=True)

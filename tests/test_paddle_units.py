@@ -14,10 +14,10 @@ import torch
 import res2det
 from res2det.checkpoint import read_weights
 from res2det.errors import CheckpointError
-from res2det.models.heads.paddle import (PaddleAnchorGenerator, PaddleRPNHead, paddle_delta2bbox,
+from res2det.models.heads.paddle_conventions import (PaddleAnchorGenerator, PaddleRPNHead, paddle_delta2bbox,
                                          paddle_multiclass_nms)
 from res2det.models.heads.rpn_head import ProposalConfig
-from res2det.zoo.paddle import paddle_to_res2det
+from res2det.zoo.paddledetection import paddle_to_res2det
 from res2det.pdparams import NAME_TABLE, read_pdparams
 
 from conftest import REFERENCE

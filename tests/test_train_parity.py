@@ -26,7 +26,7 @@ import torch
 
 from res2det.checkpoint import load_state_dict_strict
 from res2det.data import collate
-from res2det.data.coco import decode_mask
+from res2det.data.coco_dataset import decode_mask
 from res2det.images import normalize
 from res2det.engine.step import exhaustive_sampling, training_step
 from res2det.zoo import get_spec, list_models
@@ -214,7 +214,7 @@ def coco_folder(root: Path, fixture: Path, meta: dict) -> Path:
     semantic map, ``stuff/``) holding the fixture's photo and targets, for the ``Trainer``."""
     import shutil
 
-    from res2det.zoo.detectors import COCO_CLASSES
+    from res2det.zoo.mmdetection import COCO_CLASSES
 
     gt = json.loads((fixture.parent / meta["gt"]).read_text())
     h, w = meta["image_hw"]
@@ -243,7 +243,7 @@ def coco_folder(root: Path, fixture: Path, meta: dict) -> Path:
 def test_trainer_step_is_the_same_step(tmp_path, seeded_weights):
     """The path users train with (COCO folder -> CocoDataset -> collate -> Trainer._step, AMP off) builds the
     same batch as the fixture step and gives mmdetection's losses within the same tolerances."""
-    from res2det.engine.config import DataConfig, Recipe, TrainConfig
+    from res2det.engine.train_config import DataConfig, Recipe, TrainConfig
     from res2det.engine.trainer import Trainer
 
     if not FIXTURE_FILES:

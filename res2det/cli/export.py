@@ -14,7 +14,7 @@ DETECTION_TASKS = ("detection", "instance_segmentation")
 
 def cmd_export(args) -> None:
     from ..deploy import export_onnx
-    from ..deploy.export import check_size
+    from ..deploy.onnx_export import check_size
     from ..zoo import create_model, get_spec, list_models
 
     spec = get_spec(args.model)

@@ -9,7 +9,7 @@ from ..errors import Res2DetError
 
 
 def _config(args):
-    from ..engine.config import apply_settings, load_config
+    from ..engine.train_config import apply_settings, load_config
 
     cfg = load_config(args.config)
     if args.data:

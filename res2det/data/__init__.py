@@ -1,5 +1,5 @@
 """Reading images, COCO-format datasets, training transforms, batching, and the embedded shapes dataset."""
-from .coco import CocoDataset, decode_mask
+from .coco_dataset import CocoDataset, decode_mask
 from .loader import AspectRatioBatchSampler, build_loader, collate
 from .synthetic import ShapesSplits, shapes_dataset, shapes_splits
 from .transforms import Sample, hflip, resize, sample_scale

@@ -26,7 +26,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from ..checkpoint import cache_dir
-from .coco import decode_mask
+from .coco_dataset import decode_mask
 
 GENERATOR_VERSION = 1
 CATEGORIES = [{"id": 1, "name": "circle", "supercategory": "shape"},

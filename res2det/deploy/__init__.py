@@ -3,7 +3,7 @@ with ``predict``'s pre- and post-processing.
 
 ``export_onnx(model, path, size=None)`` writes the graph; ``OnnxDetector(path).predict(images)`` runs it.
 Needs the ``onnx`` extra (onnx, onnxruntime)."""
-from .export import export_onnx
+from .onnx_export import export_onnx
 from .graph import DetectionGraph
 from .runner import GraphInfo, OnnxDetector, graph_inputs
 

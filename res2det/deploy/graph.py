@@ -40,7 +40,7 @@ from ..errors import Res2DetError
 from ..models.detectors.two_stage import TwoStageDetector
 from ..models.heads.cascade_roi_head import CascadeRoIHead
 from ..models.heads.htc_roi_head import HybridTaskCascadeRoIHead
-from ..models.heads.paddle import PaddleRPNHead
+from ..models.heads.paddle_conventions import PaddleRPNHead
 from ..models.heads.post_processing import SPLIT_THR
 from ..models.heads.roi_head import StandardRoIHead
 from ..ops import MultiLevelRoIAlign

@@ -6,7 +6,7 @@ import bisect
 import torch
 from torch import nn
 
-from .config import Recipe
+from .train_config import Recipe
 
 
 def scaled_lr(recipe: Recipe, total_batch_size: int) -> float:

@@ -14,8 +14,8 @@ from torch import nn
 
 from ..checkpoint import atomic_write
 from ..errors import Res2DetError
-from .checkpoints import CheckpointManager, load_training_checkpoint, rng_state, set_rng_state
-from .config import TrainConfig, config_to_dict
+from .run_checkpoints import CheckpointManager, load_training_checkpoint, rng_state, set_rng_state
+from .train_config import TrainConfig, config_to_dict
 from .distributed import DistInfo, all_reduce_mean, any_rank, barrier, broadcast_object, init_distributed
 from .plot import plot_training
 from .schedule import build_optimizer, build_scheduler

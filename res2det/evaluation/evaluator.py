@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from ..checkpoint import atomic_write
 from ..images import pad_batch
-from .coco import IOU_TYPES, coco_evaluate, format_per_class, to_coco_results, write_results_json
+from .coco_eval import IOU_TYPES, coco_evaluate, format_per_class, to_coco_results, write_results_json
 
 # Per image id: (bbox records, segm records); an image without detections has two empty lists.
 ImageRecords = dict[int, tuple[list[dict], list[dict]]]

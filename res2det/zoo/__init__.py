@@ -11,10 +11,10 @@ from torch import nn
 from ..checkpoint import download, load_state_dict_strict, read_weights
 from ..errors import CheckpointError, Res2DetError
 from ..overrides import apply_overrides
-from . import classifiers  # noqa: F401  (registers the ImageNet models)
-from . import detectors  # noqa: F401
-from . import paddle  # noqa: F401
-from . import cascade  # noqa: F401
+from . import imagenet  # noqa: F401  (registers the ImageNet models)
+from . import mmdetection  # noqa: F401
+from . import paddledetection  # noqa: F401
+from . import mmdetection_cascade  # noqa: F401
 from .registry import MODELS, ModelSpec, Preprocess, PublishedWeights, register
 
 
@@ -116,7 +116,7 @@ def load_backbone_weights(model: nn.Module, weights: str, *, classifier: str) ->
     path, source = _resolve_weights(spec, weights)
     state, _ = read_weights(path)
     if "stem.0.weight" in state:  # mmdetection's own ImageNet conversion
-        from .detectors import mmdet_to_res2det
+        from .mmdetection import mmdet_to_res2det
 
         state = {k[len("backbone."):]: v for k, v in mmdet_to_res2det({f"backbone.{k}": v for k, v in state.items()}).items()}
     else:

@@ -9,9 +9,9 @@ from torch import Tensor, nn
 
 from ..backbones import build_backbone
 from ..heads import (AnchorGenerator, FCNMaskHead, RPNHead, Shared2FCBBoxHead, StandardRoIHead, paste_masks)
-from ..heads.paddle import PaddleAnchorGenerator, PaddleBBoxHead, PaddleRoIHead, PaddleRPNHead
+from ..heads.paddle_conventions import PaddleAnchorGenerator, PaddleBBoxHead, PaddleRoIHead, PaddleRPNHead
 from ..necks import FPN
-from .config import DetectorConfig
+from .detector_config import DetectorConfig
 
 if TYPE_CHECKING:
     from ...images import ImageLike

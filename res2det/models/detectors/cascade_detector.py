@@ -13,7 +13,7 @@ from ..heads.cascade_roi_head import CascadeRoIHead
 from ..heads.roi_head import RCNNTestConfig, RCNNTrainConfig
 from ..heads.rpn_head import ProposalConfig, RPNTrainConfig
 from ..heads.targets import MaxIoUAssigner, RandomSampler
-from .config import MMDET_RES2NET, FPNConfig, RPNConfig
+from .detector_config import MMDET_RES2NET, FPNConfig, RPNConfig
 from .two_stage import ImageSizes, TwoStageDetector, build_backbone_neck_rpn
 
 

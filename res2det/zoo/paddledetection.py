@@ -15,7 +15,7 @@ import re
 from ..errors import CheckpointError
 from ..models.backbones import BackboneConfig
 from ..models.detectors import DetectorConfig, RoIHeadConfig, build_detector
-from .detectors import COCO_CLASSES
+from .mmdetection import COCO_CLASSES
 from .registry import ModelSpec, Preprocess, PublishedWeights, StateDict, register
 
 PADDLE_URL = "https://paddledet.bj.bcebos.com/models/"

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import re
 
-from ..models.detectors.cascade import (HTC_TRAIN, CascadeDetectorConfig, CascadeRoIHeadConfig,
+from ..models.detectors.cascade_detector import (HTC_TRAIN, CascadeDetectorConfig, CascadeRoIHeadConfig,
                                         build_cascade_detector)
 from ..models.heads import RCNNTestConfig
-from .detectors import (_MMDET_RULES, _R2_101, _detect, COCO_CLASSES, DETECTION_PREPROCESS, MMDET_TRAIN_MEMORY_GB,
+from .mmdetection import (_MMDET_RULES, _R2_101, _detect, COCO_CLASSES, DETECTION_PREPROCESS, MMDET_TRAIN_MEMORY_GB,
                         MMDET_URL)
 from .registry import ModelSpec, PublishedWeights, StateDict, register, rename_by_rules
 

@@ -64,5 +64,5 @@ class DetectorConfig:
     class_names: tuple[str, ...] = ()
     # Test-time conventions of the weights' source: 'mmdet', or 'paddle' for PaddleDetection's anchors, proposal
     # generation (logit ranking, < 1 px boxes dropped), RoI level rule, box decoding and NMS output (see
-    # res2det.models.heads.paddle). The layers and their shapes are the same.
+    # res2det.models.heads.paddle_conventions). The layers and their shapes are the same.
     conventions: Literal["mmdet", "paddle"] = "mmdet"
