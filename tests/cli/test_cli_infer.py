@@ -19,7 +19,7 @@ from res2det.cli.main import main
 
 from conftest import MASK_RCNN, PHOTO
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _error_line(capsys) -> str:

@@ -20,7 +20,7 @@ import torch
 from res2det.engine.train_config import DataConfig, Recipe, TrainConfig
 from res2det.engine.trainer import NonFiniteLossError, Trainer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from res2det.errors import Res2DetError
 from res2det.utils.complexity import count_macs, count_params
 from res2det.zoo import MODELS, get_spec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLASSIFIER = "res2net50_14w_8s"
 TINY = "mask_rcnn_r2_tiny_fpn"
 FAST = ["--warmup", "0", "--repeats", "2", "--no-progress"]
