@@ -134,7 +134,3 @@ def image_list(images: Any) -> list:
         return list(images) if images.ndim == 4 else [images]
     return list(images)
 
-
-def detection_preprocess(pre: Preprocess | None) -> Preprocess:
-    """A detector's own ``Preprocess`` (set by ``create_model``), else ImageNet statistics and (800, 1333)."""
-    return pre if pre is not None else Preprocess(input_size=(800, 1333), crop_pct=None)

@@ -22,6 +22,10 @@ class Preprocess:
     interpolation: str = "bilinear"
 
 
+# mmdetection's detection input: RGB, ImageNet mean/std on 0..255 pixels, keep-ratio resize to fit (800, 1333)
+DETECTION_PREPROCESS = Preprocess(input_size=(800, 1333), crop_pct=None)
+
+
 @dataclass
 class Detections:
     """Detections of one image, by decreasing score.

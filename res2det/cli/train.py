@@ -94,13 +94,13 @@ def draw_samples(model, dataset, out_dir: Path, count: int, score_thr: float = 0
 
 def cmd_test(args) -> None:
     from ..engine.distributed import init_distributed
-    from ..engine.trainer import build_dataset, new_run_dir
+    from ..engine.trainer import build_dataset, model_preprocess, new_run_dir
     from ..evaluation import evaluate_model
-    from ..zoo import create_model, get_spec
+    from ..zoo import create_model
 
     cfg = _config(args)
     dist = init_distributed(cfg.device)
-    val = build_dataset(cfg, get_spec(cfg.model).preprocess, "val")
+    val = build_dataset(cfg, model_preprocess(cfg), "val")
     model = create_model(cfg.model, weights=args.weights, **cfg.model_options, num_classes=len(val.class_names),
                          class_names=tuple(val.class_names)).to(dist.device)
     run_dir = new_run_dir(cfg.out_dir, f"{_run_name(args.config)}-test")

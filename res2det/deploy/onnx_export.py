@@ -45,10 +45,7 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, *, size: Sequen
     if size is not None:
         check_size(size)
     h, w = (int(v) for v in (size or TRACE_SIZE))
-    pre = getattr(model, "preprocess", None)
-    from ..images import detection_preprocess
-
-    pre = detection_preprocess(pre)
+    pre = model.preprocess
     info = GraphInfo(model=model_name or getattr(model, "model_name", type(model).__name__),
                      class_names=tuple(model.class_names), mean=tuple(pre.mean), std=tuple(pre.std),
                      resize_bounds=tuple(pre.input_size), input_size=None if size is None else (h, w),

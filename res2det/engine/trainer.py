@@ -55,6 +55,18 @@ def build_dataset(cfg: TrainConfig, preprocess: Any, split: str):
     return CocoDataset(ann, root / name, train=False, **common)
 
 
+def model_preprocess(cfg: TrainConfig) -> Any:
+    """The input normalisation and resize bounds the model of ``cfg`` will have (a detector's is part of its
+    config, so ``model_options`` may change it), for the datasets that feed it."""
+    from ..overrides import apply_overrides
+    from ..zoo import get_spec
+
+    spec = get_spec(cfg.model)
+    options = dict(cfg.model_options)
+    config = options.pop("config", spec.config)
+    return getattr(apply_overrides(config, options), "preprocess", spec.preprocess)
+
+
 def build_model(cfg: TrainConfig, class_names: tuple[str, ...]) -> nn.Module:
     from ..zoo import create_model
 
@@ -104,9 +116,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.progress = progress and self.dist.is_main
         seed_everything(cfg.seed)  # the same initial weights on every rank
-        from ..zoo import get_spec
-
-        preprocess = get_spec(cfg.model).preprocess
+        preprocess = model_preprocess(cfg)
         self.train_set = build_dataset(cfg, preprocess, "train")
         self.val_set = build_dataset(cfg, preprocess, "val")
         self.model = build_model(cfg, self.train_set.class_names).to(self.dist.device)

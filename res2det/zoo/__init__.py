@@ -100,7 +100,8 @@ def create_model(name: str, weights: str | None = None, *, weights_format: str |
         raise Res2DetError(f"{name}: bad config value: {e}") from None
     model.model_name = name
     model.config = config
-    model.preprocess = spec.preprocess
+    if not hasattr(model, "preprocess"):  # classifiers; a detector's is part of its config
+        model.preprocess = spec.preprocess
     if loaded is not None:
         load_weights(model, spec, path, weights_format=weights_format or source, loaded=loaded)
         model.eval()

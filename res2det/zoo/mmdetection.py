@@ -7,7 +7,8 @@ import re
 from ..models.backbones import BackboneConfig
 from ..models.detectors import DetectorConfig, FPNConfig, RoIHeadConfig, RPNConfig, build_detector
 from ..models.heads import MaxIoUAssigner, ProposalConfig, RandomSampler, RCNNTrainConfig, RPNTrainConfig
-from .registry import ModelSpec, Preprocess, PublishedWeights, StateDict, register, rename_by_rules
+from ..structures import DETECTION_PREPROCESS
+from .registry import ModelSpec, PublishedWeights, StateDict, register, rename_by_rules
 
 MMDET_URL = "https://download.openmmlab.com/mmdetection/v2.0/res2net/"
 
@@ -23,9 +24,6 @@ COCO_CLASSES = (
     "hair drier", "toothbrush",
 )
 
-# mmdet detection input: BGR->RGB, ImageNet mean/std on 0..255 pixels, resize to fit (800, 1333), pad to 32.
-DETECTION_PREPROCESS = Preprocess(mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375),
-                                  input_size=(800, 1333), crop_pct=None)
 
 # mmdet -> res2det renames. Every key must match exactly one rule; anything else is an error, never dropped.
 _MMDET_RULES = [
@@ -85,7 +83,6 @@ for _name, _task, _mask, _file, _metrics in _ROWS:
             detect_format=_detect,
             weights=(PublishedWeights("mmdet", f"{MMDET_URL}{_name}/{_file}", dict(_metrics),
                                       train_memory_gb=MMDET_TRAIN_MEMORY_GB[_name]),),
-            preprocess=DETECTION_PREPROCESS,
             description=f"{'Mask' if _mask else 'Faster'} R-CNN, Res2Net-101 26w4s + FPN, COCO 2x (mmdetection)",
             origin="mmdetection",
         )
@@ -108,7 +105,6 @@ register(
         key_maps={"mmdet": mmdet_to_res2det},
         detect_format=_detect,
         weights=(),
-        preprocess=DETECTION_PREPROCESS,
         description="Mask R-CNN, Res2Net-50 26w4s + DCNv2 (c3-c5) + FPN, COCO 2x (mmdetection preset, no weights)",
         origin="mmdetection config",
     )
@@ -130,11 +126,11 @@ register(
             roi_head=RoIHeadConfig(num_classes=3, fc_channels=256, with_mask=True, mask_num_convs=2,
                                    mask_channels=64, rcnn_train=dataclasses.replace(
                                        _MASK_RCNN_TRAIN, sampler=RandomSampler(num=128, pos_fraction=0.25))),
+            preprocess=dataclasses.replace(DETECTION_PREPROCESS, input_size=(320, 320)),
         ),
         build=build_detector,
         key_maps={},
         detect_format=lambda state: None,
-        preprocess=dataclasses.replace(DETECTION_PREPROCESS, input_size=(320, 320)),
         description="Mask R-CNN, scaled-down Res2Net (1-1-2-1 blocks, 16 base channels) + FPN 64; res2det's own, "
                     "to train on small data (no published weights)",
     )

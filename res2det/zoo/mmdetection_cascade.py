@@ -6,7 +6,7 @@ import re
 from ..models.detectors.cascade_detector import (HTC_TRAIN, CascadeDetectorConfig, CascadeRoIHeadConfig,
                                         build_cascade_detector)
 from ..models.heads import RCNNTestConfig
-from .mmdetection import (_MMDET_RULES, _R2_101, _detect, COCO_CLASSES, DETECTION_PREPROCESS, MMDET_TRAIN_MEMORY_GB,
+from .mmdetection import (_MMDET_RULES, _R2_101, _detect, COCO_CLASSES, MMDET_TRAIN_MEMORY_GB,
                         MMDET_URL)
 from .registry import ModelSpec, PublishedWeights, StateDict, register, rename_by_rules
 
@@ -51,7 +51,6 @@ for _name, _task, _head, _file, _metrics, _what in _ROWS:
             detect_format=_detect,
             weights=(PublishedWeights("mmdet", f"{MMDET_URL}{_name}/{_file}", dict(_metrics),
                                       train_memory_gb=MMDET_TRAIN_MEMORY_GB.get(_name)),),  # HTC: '-'
-            preprocess=DETECTION_PREPROCESS,
             description=f"{_what}, Res2Net-101 26w4s + FPN, COCO 20e (mmdetection)",
             origin="mmdetection",
         )

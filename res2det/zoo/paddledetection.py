@@ -177,12 +177,12 @@ for _name, _variant, _mask, _dcn, _metrics in _ROWS:
                 roi_head=RoIHeadConfig(with_mask=_mask),
                 class_names=COCO_CLASSES,
                 conventions="paddle",
+                preprocess=PADDLE_PREPROCESS,
             ),
             build=build_detector,
             key_maps={"paddle": paddle_to_res2det},
             detect_format=_detect,
             weights=(PublishedWeights("paddle", f"{PADDLE_URL}{_name}.pdparams", dict(_metrics)),) if _metrics else (),
-            preprocess=PADDLE_PREPROCESS,
             description=(f"{_kind} R-CNN, Res2Net-50 {_variant} 26w4s{' + DCNv2 (res3-res5)' if _dcn else ''} + FPN, "
                          f"COCO (PaddleDetection{'; no released dygraph weights' if not _metrics else ''})"),
             origin="PaddleDetection",

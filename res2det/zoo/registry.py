@@ -2,6 +2,7 @@
 published weights it can load and how their keys map onto res2det's."""
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -78,7 +79,10 @@ MODELS: dict[str, ModelSpec] = {}
 
 
 def register(spec: ModelSpec) -> ModelSpec:
+    """Add a row. A detector's config carries its own ``preprocess``; the row's is that one (one source)."""
     if spec.name in MODELS:
         raise ValueError(f"model {spec.name!r} registered twice")
+    if hasattr(spec.config, "preprocess"):
+        spec = dataclasses.replace(spec, preprocess=spec.config.preprocess)
     MODELS[spec.name] = spec
     return spec

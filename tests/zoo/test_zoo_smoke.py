@@ -26,3 +26,19 @@ def test_every_model_builds_and_runs(name):
     assert ("masks" in result) == (spec.task == "instance_segmentation")
     if "masks" in result:
         assert result["masks"].shape == (k, 90, 120)
+
+
+def test_detectors_own_their_normalisation():
+    """A detector's Preprocess is part of its config (one source); overrides reach it like any field."""
+    from res2det.zoo.paddledetection import PADDLE_PREPROCESS
+
+    for name in res2det.list_models():
+        spec = get_spec(name)
+        if spec.task != "classification":
+            assert spec.preprocess is spec.config.preprocess, name
+    paddle = res2det.create_model("mask_rcnn_res2net50_vb_26w_4s_fpn_2x_coco")
+    assert paddle.preprocess == PADDLE_PREPROCESS
+    tiny = res2det.create_model("mask_rcnn_r2_tiny_fpn", **{"preprocess.input_size": (160, 200)})
+    assert tiny.preprocess.input_size == (160, 200)
+    (det,) = tiny.predict(torch.zeros(64, 64, 3, dtype=torch.uint8))
+    assert (det.width, det.height) == (64, 64)

@@ -7,6 +7,7 @@ from typing import Mapping, Sequence
 
 from torch import Tensor
 
+from ...structures import DETECTION_PREPROCESS, Preprocess
 from ..backbones import BackboneConfig
 from ..heads import FCNMaskHead, Shared2FCBBoxHead
 from ..heads.cascade_roi_head import CascadeRoIHead
@@ -74,6 +75,7 @@ class CascadeDetectorConfig:
     rpn: RPNConfig = CASCADE_RPN
     roi_head: CascadeRoIHeadConfig = field(default_factory=CascadeRoIHeadConfig)
     class_names: tuple[str, ...] = ()
+    preprocess: Preprocess = DETECTION_PREPROCESS  # see DetectorConfig
 
 
 class CascadeDetector(TwoStageDetector):
@@ -126,7 +128,7 @@ def build_cascade_detector(cfg: CascadeDetectorConfig) -> CascadeDetector:
     if cfg.class_names and len(cfg.class_names) != h.num_classes:
         raise ValueError(f"{len(cfg.class_names)} class names for {h.num_classes} classes")
     return CascadeDetector(backbone=backbone, neck=neck, rpn_head=rpn_head, roi_head=roi_head,
-                           class_names=cfg.class_names)
+                           class_names=cfg.class_names, preprocess=cfg.preprocess)
 
 
 __all__ = ["CascadeDetector", "CascadeDetectorConfig", "CascadeRoIHeadConfig", "build_cascade_detector",

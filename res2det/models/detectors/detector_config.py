@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ...structures import DETECTION_PREPROCESS, Preprocess
 from ..backbones import BackboneConfig
 from ..heads import ProposalConfig, RCNNTestConfig, RCNNTrainConfig, RPNTrainConfig
 
@@ -66,3 +67,6 @@ class DetectorConfig:
     # generation (logit ranking, < 1 px boxes dropped), RoI level rule, box decoding and NMS output (see
     # res2det.models.heads.paddle_conventions). The layers and their shapes are the same.
     conventions: Literal["mmdet", "paddle"] = "mmdet"
+    # How the weights expect their input (mean/std on 0..255 RGB pixels, resize bounds): part of the detector,
+    # used by ``predict``, evaluation, the datasets and ONNX export alike.
+    preprocess: Preprocess = DETECTION_PREPROCESS

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ..backbones import build_backbone
 from ..heads import (AnchorGenerator, FCNMaskHead, RPNHead, Shared2FCBBoxHead, StandardRoIHead, paste_masks)
 from ..heads.paddle_conventions import PaddleAnchorGenerator, PaddleBBoxHead, PaddleRoIHead, PaddleRPNHead
+from ...structures import DETECTION_PREPROCESS, Preprocess
 from ..necks import FPN
 from .detector_config import DetectorConfig
 
@@ -40,8 +41,9 @@ class TwoStageDetector(nn.Module):
     """
 
     def __init__(self, *, backbone: nn.Module, neck: FPN, rpn_head: RPNHead, roi_head: StandardRoIHead,
-                 class_names: Sequence[str] = ()):
+                 class_names: Sequence[str] = (), preprocess: Preprocess = DETECTION_PREPROCESS):
         super().__init__()
+        self.preprocess = preprocess  # the input normalisation and resize bounds the weights expect
         self.backbone = backbone
         self.neck = neck
         self.rpn_head = rpn_head
@@ -149,9 +151,9 @@ class TwoStageDetector(nn.Module):
     def _predict_batch(self, rgbs: list[np.ndarray], score_thr: float | None
                        ) -> list[tuple[Tensor, Tensor, Tensor, Tensor | None]]:
         """(boxes, scores, labels, masks) per HxWx3 uint8 image, in its own pixels (see ``predict``)."""
-        from ...images import detection_input, detection_preprocess, pad_batch
+        from ...images import detection_input, pad_batch
 
-        pre = detection_preprocess(getattr(self, "preprocess", None))
+        pre = self.preprocess
         param = next(self.parameters())
         inputs = [detection_input(rgb, pre) for rgb in rgbs]
         batch = pad_batch([x for x, _ in inputs]).to(param.device, param.dtype)
@@ -277,4 +279,4 @@ def build_detector(cfg: DetectorConfig) -> TwoStageDetector:
     if cfg.class_names and len(cfg.class_names) != h.num_classes:
         raise ValueError(f"{len(cfg.class_names)} class names for {h.num_classes} classes")
     return TwoStageDetector(backbone=backbone, neck=neck, rpn_head=rpn_head, roi_head=roi_head,
-                            class_names=cfg.class_names)
+                            class_names=cfg.class_names, preprocess=cfg.preprocess)
