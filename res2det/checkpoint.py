@@ -24,6 +24,12 @@ StateDict = dict[str, torch.Tensor]
 RES2DET_FORMAT = "res2det"
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Write through a temporary file in the same folder and rename it, so ``path`` is never half-written."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -31,6 +37,7 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets the mode open() would give it
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -62,6 +62,10 @@ def _usable(ann: dict) -> bool:
     return w >= 1 and h >= 1 and ann.get("area", 1) > 0
 
 
+def _hashable(x: Any) -> bool:
+    return isinstance(x, (int, str)) and not isinstance(x, bool)
+
+
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -92,11 +96,17 @@ def check_annotation(ann: dict, image: dict, cat_ids: set[int], *, with_masks: b
     if isinstance(segm, list):
         if not segm:
             return "bad_polygon", "empty polygon list"
+        # pycocotools rasterises in int arithmetic: a coordinate far outside the image overflows it (1e30
+        # segfaults), so anything beyond a generous margin around the image is an error, not a mask
+        limit = 4 * max(W, H) + 1000
         for poly in segm:
             if not (isinstance(poly, list) and all(map(_is_number, poly))):
                 return "bad_polygon", "a polygon is not a list of numbers"
             if len(poly) < 6 or len(poly) % 2:
                 return "bad_polygon", f"polygon with {len(poly) / 2:g} points (needs at least 3 x, y pairs)"
+            far = next((v for v in poly if abs(v) > limit), None)
+            if far is not None:
+                return "bad_polygon", f"polygon coordinate {far!r} lies far outside the {W}x{H} image"
         return None
     if isinstance(segm, dict) and "counts" in segm and "size" in segm:
         if list(segm["size"]) != [H, W]:
@@ -106,8 +116,43 @@ def check_annotation(ann: dict, image: dict, cat_ids: set[int], *, with_masks: b
             return "bad_rle", f"RLE counts cover {sum(counts)} pixels, the image has {H * W}"
         if not isinstance(counts, (list, str)):
             return "bad_rle", "RLE counts are neither a list nor a string"
+        if isinstance(counts, list) and not all(isinstance(c, int) and c >= 0 for c in counts):
+            return "bad_rle", "RLE counts must be non-negative integers"
+        if isinstance(counts, str):
+            decoded = _rle_string_counts(counts)
+            if decoded is None or sum(decoded) != H * W:
+                return "bad_rle", (f"compressed RLE counts {counts[:20]!r}{'...' if len(counts) > 20 else ''} do not "
+                                   f"decode to the image's {H * W} pixels")
         return None
     return "bad_segmentation", "segmentation is neither a polygon list nor an RLE dict with counts and size"
+
+
+def _rle_string_counts(s: str) -> list[int] | None:
+    """The run lengths of a compressed COCO RLE string (pycocotools' 6-bit LEB128-like code with deltas from
+    the run two back), or ``None`` when it is malformed or decodes to a negative run. pycocotools itself
+    decodes garbage without a check (reading past its buffer), so strings are checked here first."""
+    counts: list[int] = []
+    p = 0
+    while p < len(s):
+        x, k, more = 0, 0, True
+        while more:
+            if p >= len(s):
+                return None
+            c = ord(s[p]) - 48
+            if not 0 <= c < 64:
+                return None
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(counts) > 2:
+            x += counts[-2]
+        if x < 0:
+            return None
+        counts.append(x)
+    return counts
 
 
 def decode_mask(segm: list | dict, height: int, width: int) -> np.ndarray:
@@ -229,6 +274,9 @@ class CocoDataset(torch.utils.data.Dataset):
         problems: list[str] = []
         by_id: dict[Any, dict] = {}
         for img in images:
+            if not _hashable(img.get("id")):
+                raise DataError(f"{self.ann_file}: image {img.get('file_name', '?')!r} has id {img.get('id')!r}; "
+                                "image ids must be integers or strings")
             if img["id"] in by_id:
                 raise DataError(f"{self.ann_file}: duplicate image id {img['id']!r}")
             by_id[img["id"]] = img
@@ -236,7 +284,14 @@ class CocoDataset(torch.utils.data.Dataset):
                 raise DataError(f"{self.ann_file}: image {img['id']!r} ({img['file_name']}) has a bad size "
                                 f"{img['width']!r}x{img['height']!r}")
         per_image: dict[Any, list[dict]] = {i: [] for i in by_id}
+        seen_ids: set = set()
         for ann in anns:
+            if "id" in ann and _hashable(ann["id"]):
+                if ann["id"] in seen_ids:  # COCOeval would keep every copy as another object
+                    self._bad("duplicate_annotation_id", f"{self.ann_file}: duplicate annotation id {ann['id']!r}",
+                              problems)
+                    continue
+                seen_ids.add(ann["id"])
             image = by_id.get(ann.get("image_id"))
             if image is None:
                 self._bad("unknown_image", f"{self.ann_file}: annotation {ann.get('id', '?')}: image id "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import re
 import runpy
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,26 @@ from typing import Any, Literal
 
 from ..errors import Res2DetError
 from ..overrides import apply_overrides
+
+
+def _check(config: Any, **valid: bool) -> None:
+    """One clear error for the first field whose check failed (run whenever a config is built or edited)."""
+    for name, ok in valid.items():
+        if not ok:
+            raise Res2DetError(f"{type(config).__name__}.{name}: {getattr(config, name)!r} is not a valid value "
+                               f"({_RULES.get(name, 'see the field comment')})")
+
+
+_RULES = {"epochs": "at least 1", "gamma": "above 0", "base_lr": "above 0", "base_batch_size": "at least 1",
+          "momentum": "in [0, 1)", "weight_decay": "at least 0", "warmup_iters": "at least 0",
+          "warmup_ratio": "in (0, 1]", "milestones": "epochs numbered from 1", "flip_prob": "a probability in [0, 1]",
+          "num_workers": "at least 0", "scale": "None or two positive integers (long, short)",
+          "train_scale_range": "None or (low, high) positive integers, low <= high", "on_bad": "'fail' or 'skip'",
+          "batch_size": "at least 1", "amp": "'none', 'bf16' or 'fp16'", "grad_clip": "None or above 0",
+          "on_nonfinite": "'stop' or 'skip'", "eval_every": "at least 0 (0: after the last epoch only)",
+          "checkpoint_every": "at least 0 (0: at epoch ends only)", "keep_last": "at least 1",
+          "log_every": "at least 1", "draw": "at least 0", "max_iters": "None or at least 1",
+          "device": "'auto', 'cpu', 'cuda' or 'cuda:N'"}
 
 
 @dataclass(frozen=True)
@@ -30,6 +51,13 @@ class Recipe:
     weight_decay: float = 1e-4
     warmup_iters: int = 500
     warmup_ratio: float = 0.001  # the first iteration runs at base_lr * warmup_ratio, rising linearly
+
+    def __post_init__(self) -> None:
+        _check(self, epochs=self.epochs >= 1, gamma=self.gamma > 0, base_lr=self.base_lr > 0,
+               base_batch_size=self.base_batch_size >= 1, momentum=0 <= self.momentum < 1,
+               weight_decay=self.weight_decay >= 0, warmup_iters=self.warmup_iters >= 0,
+               warmup_ratio=0 < self.warmup_ratio <= 1,
+               milestones=all(isinstance(m, int) and m >= 1 for m in self.milestones))
 
 
 RECIPES: dict[str, Recipe] = {
@@ -53,6 +81,13 @@ class DataConfig:
     flip_prob: float = 0.5
     on_bad: Literal["fail", "skip"] = "fail"
     num_workers: int = 2
+
+    def __post_init__(self) -> None:
+        pair = lambda v: v is None or (len(v) == 2 and all(isinstance(x, int) and x > 0 for x in v))  # noqa: E731
+        _check(self, flip_prob=0 <= self.flip_prob <= 1, num_workers=self.num_workers >= 0, scale=pair(self.scale),
+               train_scale_range=pair(self.train_scale_range) and (
+                   self.train_scale_range is None or self.train_scale_range[0] <= self.train_scale_range[1]),
+               on_bad=self.on_bad in ("fail", "skip"))
 
 
 @dataclass(frozen=True)
@@ -79,6 +114,16 @@ class TrainConfig:
     out_dir: str = "runs"
     max_iters: int | None = None  # stop early (smoke runs); the schedule still follows ``recipe``
     device: str = "auto"  # 'auto' = cuda (the local rank's GPU) when available, else cpu
+
+    def __post_init__(self) -> None:
+        _check(self, batch_size=self.batch_size >= 1, amp=self.amp in ("none", "bf16", "fp16"),
+               grad_clip=self.grad_clip is None or self.grad_clip > 0,
+               on_nonfinite=self.on_nonfinite in ("stop", "skip"), eval_every=self.eval_every >= 0,
+               checkpoint_every=self.checkpoint_every >= 0, keep_last=self.keep_last >= 1,
+               log_every=self.log_every >= 1, draw=self.draw >= 0,
+               max_iters=self.max_iters is None or self.max_iters >= 1,
+               device=re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)) is not None)
+
 
 
 # ----------------------------------------------------------------------------------------------------- presets
@@ -129,7 +174,17 @@ def load_config(name_or_path: str) -> TrainConfig:
         path = Path(name_or_path)
         if not path.is_file():
             raise Res2DetError(f"{path}: config file not found")
-        config = runpy.run_path(str(path)).get("config")
+        try:
+            config = runpy.run_path(str(path)).get("config")
+        except SyntaxError as e:
+            raise Res2DetError(f"{path}:{e.lineno}: syntax error in the config file: {e.msg}") from None
+        except SystemExit as e:
+            raise Res2DetError(f"{path}: the config file exited (sys.exit({e.code!r})) instead of defining "
+                               "`config`") from None
+        except Res2DetError as e:
+            raise Res2DetError(f"{path}: {e}") from None
+        except Exception as e:  # the file is the user's code: any error it raises is its problem to report
+            raise Res2DetError(f"{path}: running the config file raised {type(e).__name__}: {e}") from None
         if not isinstance(config, TrainConfig):
             raise Res2DetError(f"{path}: must define `config = TrainConfig(...)`")
         return config

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import resource
 import time
 from pathlib import Path
@@ -101,7 +102,12 @@ def new_run_dir(out_dir: str | Path, name: str) -> Path:
 
 
 def latest_run_dir(out_dir: str | Path, name: str) -> Path | None:
-    runs = [p for p in Path(out_dir).glob(f"{name}*") if (p / "latest").is_file()]
+    """The most recently checkpointed run of ``name``: ``out_dir/name`` or one of its numbered siblings
+    ``name-2``, ``name-3``... (never another config's run whose name merely starts the same)."""
+    pattern = re.compile(re.escape(name) + r"(-[0-9]+)?")
+    folder = Path(out_dir)
+    runs = [p for p in folder.iterdir() if pattern.fullmatch(p.name) and (p / "latest").is_file()] \
+        if folder.is_dir() else []
     return max(runs, key=lambda p: (p / "latest").stat().st_mtime) if runs else None
 
 
