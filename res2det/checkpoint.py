@@ -68,7 +68,8 @@ def read_weights(path: str | os.PathLike) -> tuple[StateDict, dict]:
     """Read a weight file into (state_dict, meta). ``meta`` has 'format' and 'model' for res2det's files.
 
     .pth files are unpickled with ``weights_only=True``: anything but tensors and plain containers is refused.
-    Common wrappers ({'state_dict': ...}, {'model': ...}) and a DataParallel 'module.' prefix are removed.
+    Common wrappers ({'state_dict': ...}, {'model': ...}: res2det's training checkpoints too) and a DataParallel
+    'module.' prefix are removed.
     """
     path = Path(path)
     if not path.is_file():
@@ -102,6 +103,8 @@ def read_weights(path: str | os.PathLike) -> tuple[StateDict, dict]:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
     if isinstance(obj, dict) and obj.get("format") == RES2DET_FORMAT:
         meta = {"format": RES2DET_FORMAT, "model": obj.get("model"), "options": obj.get("options", "{}")}
+    elif isinstance(obj, dict) and {"model", "optimizer", "iteration"} <= set(obj):  # a res2det training checkpoint
+        meta = {"format": RES2DET_FORMAT, "model": obj.get("model_name"), "options": obj.get("options", "{}")}
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]

@@ -64,10 +64,12 @@ def cmd_train(args) -> None:
     from ..checkpoint import save_weights
 
     final = run_dir / "model_final.safetensors"
-    save_weights(trainer.model, final, model_name=cfg.model,
-                 options={"num_classes": len(trainer.train_set.class_names),
-                          "class_names": list(trainer.train_set.class_names)})
-    print(f"trained {summary['iterations']} iterations in {summary['seconds'] / 60:.1f} min; weights: {final}")
+    save_weights(trainer.model, final, model_name=cfg.model, options=trainer.model_options())
+    if summary["already_finished"]:
+        print(f"{run_dir}: this run had already finished its {summary['iterations']} iterations; weights: {final}; "
+              "its final evaluation:")
+    else:
+        print(f"trained {summary['iterations']} iterations in {summary['seconds'] / 60:.1f} min; weights: {final}")
     print_metrics(summary["metrics"])
     if cfg.draw:
         drawn = draw_samples(trainer.model, trainer.val_set, run_dir / "drawn", cfg.draw)

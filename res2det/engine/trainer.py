@@ -161,7 +161,12 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "epoch": self.iteration // self.iters_per_epoch, "iteration": self.iteration,
                 "rng": rng or [rng_state()], "best": self.best, "model_name": self.cfg.model,
-                "config": json.dumps(config_to_dict(self.cfg))}
+                "options": json.dumps(self.model_options()), "config": json.dumps(config_to_dict(self.cfg))}
+
+    def model_options(self) -> dict[str, Any]:
+        """The ``create_model`` overrides that rebuild this model from its weights (recorded in every file)."""
+        names = self.train_set.class_names
+        return {"num_classes": len(names), "class_names": list(names)}
 
     def _resume(self, path: Path | None) -> None:
         if path is None:
@@ -208,7 +213,11 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             text = json.dumps(config_to_dict(cfg), indent=2) + "\n"
             atomic_write(self.run_dir / "config.json", lambda tmp: Path(tmp).write_text(text))
+            for stale in self.run_dir.glob(".*.tmp"):  # an atomic write cut short by a kill
+                stale.unlink(missing_ok=True)
         log = self.run_dir / "log.jsonl"
+        records = self._log_records_up_to_checkpoint(log)
+        already_finished = self.iteration >= self.max_iters
         bar = None
         if self.progress:
             from tqdm import tqdm
@@ -253,8 +262,26 @@ class Trainer:
                     self.model.train()
         if bar is not None:
             bar.close()
+        if already_finished:  # resumed after the last iteration: report (or finish) the final evaluation
+            final = [r for r in records if r["kind"] == "eval" and r["iter"] == self.iteration]
+            if final:
+                metrics = {k: v for k, v in final[-1].items() if k not in ("kind", "iter", "epoch")}
+            else:  # killed during it
+                metrics = self.evaluate(math.ceil(self.iteration / self.iters_per_epoch), log, self.ckpt.latest())
         return {"run_dir": str(self.run_dir), "iterations": self.iteration, "metrics": metrics,
-                "seconds": time.perf_counter() - t0}
+                "seconds": time.perf_counter() - t0, "already_finished": already_finished}
+
+    def _log_records_up_to_checkpoint(self, log: Path) -> list[dict]:
+        """The log's records, without those written after the checkpoint this run continues from (a resumed run
+        repeats those iterations; the log must not hold them twice), rewritten so on the main rank."""
+        if not log.is_file():
+            return []
+        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        kept = [r for r in records if r.get("iter", 0) <= self.iteration]
+        if len(kept) != len(records) and self.dist.is_main:
+            text = "".join(json.dumps(r) + "\n" for r in kept)
+            atomic_write(log, lambda tmp: Path(tmp).write_text(text))
+        return kept
 
     def _batches(self, epoch: int, start: int):
         """The epoch's batches from the ``start``-th on. Each sample's augmentation is seeded by the sampler,

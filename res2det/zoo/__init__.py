@@ -68,11 +68,16 @@ def load_weights(model: nn.Module, spec: ModelSpec, path: str, *, weights_format
     return fmt
 
 
-def _recorded_options(meta: dict) -> dict[str, Any]:
+def _recorded_options(meta: dict, path: str) -> dict[str, Any]:
     """The ``create_model`` overrides a res2det checkpoint was saved with (JSON lists back to tuples)."""
     if meta.get("format") != "res2det":
         return {}
-    options = json.loads(meta.get("options") or "{}")
+    try:
+        options = json.loads(meta.get("options") or "{}")
+    except (TypeError, ValueError):
+        options = None
+    if not isinstance(options, dict):
+        raise CheckpointError(f"{path}: its recorded model options are not a JSON object: {meta.get('options')!r:.80}")
     return {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
 
 
@@ -92,8 +97,9 @@ def create_model(name: str, weights: str | None = None, *, weights_format: str |
     if weights is not None:
         path, source = _resolve_weights(spec, weights)
         loaded = read_weights(path)
-        overrides = {**_recorded_options(loaded[1]), **overrides}
-    config = apply_overrides(spec.config, overrides, what=f"{name} option")
+        overrides = {**_recorded_options(loaded[1], path), **overrides}
+    config = apply_overrides(spec.config, overrides, what=f"{name} option" if weights is None else
+                             f"{name} option (with the options recorded in {path})")
     try:
         model = spec.build(config)
     except ValueError as e:

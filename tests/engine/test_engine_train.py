@@ -113,6 +113,20 @@ def test_gradient_clipping_bounds_the_update(shapes_root, tmp_path):
     assert torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) <= 0.5 + 1e-5
 
 
+def test_training_checkpoints_load_for_inference(shapes_root, tmp_path):
+    """iter_*.pth and best.pth are weights files too: create_model (and so infer / test) loads them strictly,
+    with the class names they were trained with."""
+    import res2det
+
+    trainer = Trainer(tiny_config(shapes_root, max_iters=2, checkpoint_every=1), tmp_path / "run", progress=False)
+    trainer.fit()
+    trained = trainer.model.state_dict()
+    for name in (trainer.ckpt.latest().name, "best.pth"):
+        model = res2det.create_model("mask_rcnn_r2_tiny_fpn", weights=str(tmp_path / "run" / name))
+        assert model.class_names == tuple(trainer.train_set.class_names)
+        assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items())
+
+
 def test_bf16_autocast_step_on_cpu(shapes_root, tmp_path):
     trainer = Trainer(tiny_config(shapes_root, amp="bf16", max_iters=1), tmp_path / "run", progress=False)
     images, targets, sizes, _ = next(iter(trainer._batches(0, 0)))
@@ -166,6 +180,23 @@ def test_resume_after_kill_gives_the_uninterrupted_weights(shapes_root, tmp_path
     assert a.keys() == b.keys()
     diffs = {k: (a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].numel()}
     assert max(diffs.values()) == 0.0, sorted(diffs.items(), key=lambda kv: -kv[1])[:5]
+    logged = [json.loads(l) for l in (tmp_path / "killed" / "tiny" / "log.jsonl").read_text().splitlines()]
+    iters = [r["iter"] for r in logged if r["kind"] == "train"]
+    assert iters == sorted(set(iters)), iters  # no iteration logged twice across the kill
+
+
+def test_resuming_a_finished_run_reports_its_final_evaluation(shapes_root, tmp_path):
+    cfg = tiny_config(shapes_root, max_iters=2, checkpoint_every=0)
+    first = Trainer(cfg, tmp_path / "run", progress=False).fit()
+    assert not first["already_finished"] and "bbox_AP" in first["metrics"]
+    (tmp_path / "run" / ".iter_0000002.pth.abc.tmp").write_bytes(b"cut short")  # a write killed midway
+    again = Trainer(cfg, tmp_path / "run", resume=True, progress=False).fit()
+    assert again["already_finished"] and again["metrics"] == first["metrics"]
+    assert not list((tmp_path / "run").glob(".*.tmp"))
+    log = tmp_path / "run" / "log.jsonl"  # killed during the final evaluation: the resumed run finishes it
+    log.write_text("".join(l + "\n" for l in log.read_text().splitlines() if '"eval"' not in l))
+    third = Trainer(cfg, tmp_path / "run", resume=True, progress=False).fit()
+    assert third["already_finished"] and third["metrics"]["bbox_AP"] == first["metrics"]["bbox_AP"]
 
 
 def _free_port() -> int:
