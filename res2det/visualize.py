@@ -5,10 +5,12 @@ import colorsys
 from typing import Any, Mapping
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .images import ImageLike, to_rgb_uint8
 from .errors import Res2DetError
+from .images import ImageLike, to_rgb_uint8
+from .structures import Detections, InstanceMasks
 
 MASK_ALPHA = 0.45
 
@@ -45,27 +47,33 @@ def draw_detections(image_rgb_uint8: ImageLike, detections: Any, *, score_thr: f
         categories = list(_field(detections, "categories") or [])
     except (KeyError, AttributeError):
         categories = []
-    try:
-        masks = _field(detections, "masks")
-    except (KeyError, AttributeError):
-        masks = None
+    if isinstance(detections, Detections):
+        masks = detections.instance_masks  # per-box crops: no full-image masks in memory
+    else:
+        try:
+            masks = _field(detections, "masks")
+        except (KeyError, AttributeError):
+            masks = None
     if not len(boxes) == len(scores) == len(labels):
         raise Res2DetError(f"detections disagree in length: {len(boxes)} boxes, {len(scores)} scores, "
                            f"{len(labels)} labels")
     if masks is not None:
-        masks = np.asarray(masks).astype(bool, copy=False)
-        if masks.shape != (len(boxes), h, w):
+        if not isinstance(masks, InstanceMasks):
+            masks = InstanceMasks.from_tensor(torch.as_tensor(np.asarray(masks)))
+        if tuple(masks.shape) != (len(boxes), h, w):
             raise Res2DetError(f"masks of shape {tuple(masks.shape)} do not fit {len(boxes)} detections on a "
                                f"{w}x{h} image")
     # lowest score first, so that the best detections end up on top
     order = [i for i in np.argsort(scores, kind="stable") if scores[i] >= score_thr]
 
-    out = rgb.astype(np.float32)
+    out = rgb.copy()  # blended mask by mask inside its crop: no float copy of a (possibly huge) image
     if masks is not None:
         for i in order:
-            m = masks[i]
-            out[m] = out[m] * (1 - MASK_ALPHA) + np.asarray(label_color(labels[i]), np.float32) * MASK_ALPHA
-    img = Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8))
+            crop, (x0, y0) = masks.crops[i].cpu().numpy(), masks.origins[i]
+            region = out[y0:y0 + crop.shape[0], x0:x0 + crop.shape[1]]
+            blended = region[crop] * (1 - MASK_ALPHA) + np.asarray(label_color(labels[i]), np.float32) * MASK_ALPHA
+            region[crop] = np.clip(blended + 0.5, 0, 255).astype(np.uint8)
+    img = Image.fromarray(out)
 
     draw = ImageDraw.Draw(img)
     line = max(1, round(min(h, w) / 300))

@@ -7,7 +7,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..version import __version__
@@ -82,11 +81,7 @@ DETECTION_TASKS = ("detection", "instance_segmentation")
 
 def _detection_record(image: str, det) -> dict:
     """One image's ``--out`` entry; masks as COCO run-length encodings with ``counts`` as text."""
-    masks = None
-    if det.masks is not None:
-        from pycocotools import mask as mask_utils
-
-        masks = [mask_utils.encode(np.asfortranarray(m.numpy().astype(np.uint8))) for m in det.masks]
+    masks = None if det.instance_masks is None else det.instance_masks.rle()  # from the crops
     dets = []
     for i, (box, score, label) in enumerate(zip(det.boxes.tolist(), det.scores.tolist(), det.labels.tolist())):
         d = {"bbox": box, "score": score, "label": label, "category": det.categories[i]}

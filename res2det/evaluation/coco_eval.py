@@ -14,6 +14,7 @@ from pycocotools.cocoeval import COCOeval
 
 from ..checkpoint import atomic_write
 from ..errors import Res2DetError
+from ..structures import InstanceMasks
 
 IOU_TYPES = ("bbox", "segm")
 # COCOeval.stats, in order (maxDets 100 unless named)
@@ -45,7 +46,7 @@ def _numpy(x: Any) -> np.ndarray:
 def to_coco_results(image_id: int, boxes: Any, scores: Any, labels: Any, masks: Any = None, *,
                     label_to_cat_id: Sequence[int] | Mapping[int, int]) -> tuple[list[dict], list[dict]]:
     """One image's detections (xyxy ``boxes [K, 4]``, ``scores [K]``, contiguous ``labels [K]``, optional bool
-    ``masks [K, H, W]``; tensors or arrays) -> ``(bbox_records, segm_records)`` in COCO's results format.
+    ``masks [K, H, W]`` or ``InstanceMasks``; tensors or arrays) -> ``(bbox_records, segm_records)`` in COCO's results format.
 
     Boxes become ``[x, y, w, h]``; masks compressed RLE with ``counts`` as str (JSON-ready). Segm records carry
     no ``bbox``: with one, ``COCO.loadRes`` would take the box area as the instance area, and the small /
@@ -64,7 +65,10 @@ def to_coco_results(image_id: int, boxes: Any, scores: Any, labels: Any, masks: 
             for c, b, s in zip(cat_ids, xywh, scores)]
     segm: list[dict] = []
     if masks is not None and len(cat_ids):
-        rles = mask_utils.encode(np.asfortranarray(_numpy(masks).astype(np.uint8).transpose(1, 2, 0)))
+        if isinstance(masks, InstanceMasks):  # from the crops, without full-image masks
+            rles = masks.rle()
+        else:
+            rles = mask_utils.encode(np.asfortranarray(_numpy(masks).astype(np.uint8).transpose(1, 2, 0)))
         for c, s, rle in zip(cat_ids, scores, rles):
             segm.append({"image_id": int(image_id), "category_id": c, "score": float(s),
                          "segmentation": {"size": [int(v) for v in rle["size"]],

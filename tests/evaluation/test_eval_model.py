@@ -69,9 +69,10 @@ def test_postprocess_maps_detections_to_original_pixels():
     clipped = torch.tensor([[80.0, 16, 150, 100], [20, 40, 60, 80], [0, 0, 16, 32]])
     assert torch.equal(boxes, clipped)
     probs = result["mask_probs"][[1, 0, 2]]
+    masks = masks.to_tensor()  # postprocess keeps per-box crops (InstanceMasks)
     assert torch.equal(masks, paste_masks(probs, unclipped, (100, 150)))  # mmdet: from the unclipped boxes
     model.roi_head.paste_clipped_boxes = True  # Paddle's rule
-    paddle_masks = model.postprocess(result, **args)[3]
+    paddle_masks = model.postprocess(result, **args)[3].to_tensor()
     assert torch.equal(paddle_masks, paste_masks(probs, clipped, (100, 150)))
     assert not torch.equal(paddle_masks, masks)
     kept = model.postprocess(result, **args, score_thr=0.3)

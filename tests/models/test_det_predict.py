@@ -188,7 +188,8 @@ def test_draw_detections(rgb):
     # the mask is a translucent blend towards the class colour
     blended = rgb[30, 40].astype(float) * 0.55 + np.array(label_color(0)) * 0.45
     np.testing.assert_allclose(out[30, 40], blended, atol=1)
-    again = np.asarray(draw_detections(Image.fromarray(rgb), dataclasses.asdict(det), score_thr=0.3))
+    fields = {k: getattr(det, k) for k in ("boxes", "scores", "labels", "categories", "masks")}
+    again = np.asarray(draw_detections(Image.fromarray(rgb), fields, score_thr=0.3))
     np.testing.assert_array_equal(out, again)  # deterministic; a dict of fields works too
     assert label_color(3) == label_color(3) and label_color(3) != label_color(4)
     with pytest.raises(Res2DetError, match="do not fit"):

@@ -8,9 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from ..backbones import build_backbone
-from ..heads import (AnchorGenerator, FCNMaskHead, RPNHead, Shared2FCBBoxHead, StandardRoIHead, paste_masks)
+from ..heads import (AnchorGenerator, FCNMaskHead, RPNHead, Shared2FCBBoxHead, StandardRoIHead, paste_mask_crops)
 from ..heads.paddle_conventions import PaddleAnchorGenerator, PaddleBBoxHead, PaddleRoIHead, PaddleRPNHead
-from ...structures import DETECTION_PREPROCESS, Preprocess
+from ...structures import DETECTION_PREPROCESS, InstanceMasks, Preprocess
 from ..necks import FPN
 from .detector_config import DetectorConfig
 
@@ -141,7 +141,7 @@ class TwoStageDetector(nn.Module):
                     out.append(Detections(
                         boxes=boxes.clone(), scores=scores.clone(), labels=labels.clone(),
                         categories=[names[i] if i < len(names) else str(i) for i in labels.tolist()],
-                        masks=None if masks is None else masks.clone(), width=int(rgb.shape[1]),
+                        masks=None if masks is None else _clone_masks(masks), width=int(rgb.shape[1]),
                         height=int(rgb.shape[0])))
         finally:
             self.train(was_training)
@@ -149,7 +149,7 @@ class TwoStageDetector(nn.Module):
 
     @torch.inference_mode()
     def _predict_batch(self, rgbs: list[np.ndarray], score_thr: float | None
-                       ) -> list[tuple[Tensor, Tensor, Tensor, Tensor | None]]:
+                       ) -> list[tuple[Tensor, Tensor, Tensor, InstanceMasks | None]]:
         """(boxes, scores, labels, masks) per HxWx3 uint8 image, in its own pixels (see ``predict``)."""
         from ...images import detection_input, pad_batch
 
@@ -163,9 +163,9 @@ class TwoStageDetector(nn.Module):
                 for rgb, (_, sf), r in zip(rgbs, inputs, results)]
 
     def postprocess(self, result: Mapping[str, Tensor], *, scale_factor: Sequence[float], orig_size: Sequence[int],
-                    score_thr: float | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+                    score_thr: float | None = None) -> tuple[Tensor, Tensor, Tensor, InstanceMasks | None]:
         """One image's ``detect(..., paste_masks=False)`` output -> ``(boxes, scores, labels, masks)`` on the
-        CPU in the original image's pixels, by decreasing score; ``masks`` bool ``[K, H, W]`` (``None`` without
+        CPU in the original image's pixels, by decreasing score; ``masks`` an ``InstanceMasks`` (``None`` without
         a mask head). Used by ``predict`` and by ``res2det.evaluation``.
 
         ``scale_factor`` is ``(sx, sy)``, input pixels per original pixel; ``orig_size`` is ``(H, W)``. Boxes are
@@ -190,7 +190,7 @@ class TwoStageDetector(nn.Module):
         if getattr(self.roi_head, "paste_clipped_boxes", False):
             boxes = _clip(boxes, h, w)
         if probs is not None:
-            masks = paste_masks(probs, boxes, (h, w), self.roi_head.test_cfg.mask_thr_binary).cpu()
+            masks = paste_mask_crops(probs, boxes, (h, w), self.roi_head.test_cfg.mask_thr_binary).cpu()
         return _clip(boxes, h, w).cpu(), scores.cpu(), labels.cpu(), masks
 
     @torch.no_grad()
@@ -237,6 +237,11 @@ class _RPNStep(NamedTuple):
     gt_masks: list[Tensor] | None
     losses: dict[str, Tensor]
     proposals: list[Tensor]
+
+
+def _clone_masks(masks: InstanceMasks) -> InstanceMasks:
+    """Ordinary tensors out of inference mode (inference tensors refuse in-place edits later)."""
+    return InstanceMasks([c.clone() for c in masks.crops], masks.origins, masks.height, masks.width)
 
 
 def _clip(boxes: Tensor, h: int, w: int) -> Tensor:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ... import ops
+from ...structures import InstanceMasks
 
 
 class FCNMaskHead(nn.Module):
@@ -47,21 +48,30 @@ class FCNMaskHead(nn.Module):
 
 
 def paste_masks(probs: Tensor, boxes: Tensor, image_size: Sequence[int], threshold: float = 0.5) -> Tensor:
-    """Paste ``probs [K, m, m]`` (probabilities in box coordinates) into a ``[K, H, W]`` bool image.
+    """``paste_mask_crops`` at full size: a ``[K, H, W]`` bool tensor."""
+    return paste_mask_crops(probs, boxes, image_size, threshold).to_tensor()
+
+
+def paste_mask_crops(probs: Tensor, boxes: Tensor, image_size: Sequence[int], threshold: float = 0.5
+                     ) -> InstanceMasks:
+    """Paste ``probs [K, m, m]`` (probabilities in box coordinates) into an ``H x W`` image, each kept as the crop
+    of its box's window.
 
     As mmdet's ``_do_paste_mask``: each image pixel centre ``(x + 0.5, y + 0.5)`` is mapped into its box,
     ``grid_sample``d (bilinear, zero padding, ``align_corners=False``) and compared ``>= threshold``. Only the
     box's window (+1 px) is sampled; pixels further out cannot reach the threshold.
     """
     h, w = int(image_size[0]), int(image_size[1])
-    out = torch.zeros(probs.shape[0], h, w, dtype=torch.bool, device=probs.device)
+    crops, origins = [], []
     for k in range(probs.shape[0]):
         box = boxes[k]
         x0i = max(int(torch.floor(box[0])) - 1, 0)
         y0i = max(int(torch.floor(box[1])) - 1, 0)
         x1i = min(int(torch.ceil(box[2])) + 1, w)
         y1i = min(int(torch.ceil(box[3])) + 1, h)
+        origins.append((min(x0i, w), min(y0i, h)))
         if x1i <= x0i or y1i <= y0i:
+            crops.append(torch.zeros(0, 0, dtype=torch.bool, device=probs.device))
             continue
         xs = torch.arange(x0i, x1i, device=probs.device).to(torch.float32) + 0.5
         ys = torch.arange(y0i, y1i, device=probs.device).to(torch.float32) + 0.5
@@ -72,5 +82,5 @@ def paste_masks(probs: Tensor, boxes: Tensor, image_size: Sequence[int], thresho
         ys = torch.where(torch.isinf(ys), torch.zeros_like(ys), ys)
         grid = torch.stack([xs[None, :].expand(len(ys), -1), ys[:, None].expand(-1, len(xs))], dim=-1)
         pasted = F.grid_sample(probs[k][None, None].float(), grid[None], align_corners=False)
-        out[k, y0i:y1i, x0i:x1i] = pasted[0, 0] >= threshold
-    return out
+        crops.append(pasted[0, 0] >= threshold)
+    return InstanceMasks(crops, origins, h, w)
