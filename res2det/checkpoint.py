@@ -122,7 +122,8 @@ def _listing(keys: list[str], limit: int = 12) -> str:
 
 
 def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str) -> None:
-    """Load ``state`` into ``model``; any missing, unexpected or mis-shaped key is an error listing them.
+    """Load ``state`` into ``model``; any missing, unexpected, mis-shaped or mis-typed (integer vs float) key, and
+    any NaN or infinite value, is an error listing them.
 
     ``num_batches_tracked`` counters may be absent (older and non-PyTorch checkpoints lack them); they do not
     affect outputs.
@@ -132,7 +133,12 @@ def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor], 
     unexpected = [k for k in state if k not in own]
     mis_shaped = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
                   if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or mis_shaped:
+    # an integer tensor copied into a float weight would be converted silently, and the other way round cut
+    mis_typed = [f"{k} {state[k].dtype} vs {own[k].dtype}" for k in own
+                 if k in state and state[k].dtype.is_floating_point != own[k].dtype.is_floating_point]
+    non_finite = [k for k in own if k in state and state[k].dtype.is_floating_point
+                  and not bool(torch.isfinite(state[k]).all())]
+    if missing or unexpected or mis_shaped or mis_typed or non_finite:
         parts = [f"{source}: checkpoint does not fit the model"]
         if missing:
             parts.append(f"missing keys ({len(missing)}): {_listing(missing)}")
@@ -140,7 +146,12 @@ def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor], 
             parts.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
         if mis_shaped:
             parts.append(f"shape mismatches ({len(mis_shaped)}; checkpoint vs model): {_listing(mis_shaped, 6)}")
-        raise CheckpointError("\n  ".join(parts))
+        if mis_typed:
+            parts.append(f"integer / float mismatches ({len(mis_typed)}; checkpoint vs model): "
+                         f"{_listing(mis_typed, 6)}")
+        if non_finite:
+            parts.append(f"NaN or infinite values ({len(non_finite)}): {_listing(non_finite)}")
+        raise CheckpointError("; ".join(parts))
     with torch.no_grad():
         for k, v in own.items():
             if k in state:

@@ -93,7 +93,8 @@ def rescale_size(width: int, height: int, bounds: tuple[int, int]) -> tuple[int,
     short side fits ``min(bounds)`` and the long side ``max(bounds)``; sizes are rounded half up.
     Returns the new ``(width, height)``."""
     scale = min(max(bounds) / max(width, height), min(bounds) / min(width, height))
-    return int(width * scale + 0.5), int(height * scale + 0.5)
+    # at least one pixel a side: a 1 x 5000 strip would otherwise round to zero rows (mmcv then fails)
+    return max(int(width * scale + 0.5), 1), max(int(height * scale + 0.5), 1)
 
 
 def resize_bilinear(rgb: np.ndarray, width: int, height: int) -> np.ndarray:

@@ -54,6 +54,15 @@ def seeded_checkpoint(seeded_weights, tmp_path_factory):
     return make
 
 
+def one_error_line(capsys) -> str:
+    """The CLI's user-error convention: exactly one ``res2det: error: ...`` line on stderr, no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("res2det: error: "), err
+    return lines[0]
+
+
 MASK_RCNN = "mask_rcnn_r2_101_fpn_2x_coco"
 PHOTO = SHARED / "data" / "tiny_coco" / "val2017" / "000000037777.jpg"  # 352x230: upscaled 3.48x by predict
 

@@ -8,21 +8,17 @@ import stat
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from res2det.cli.main import main
 from res2det.data import CocoDataset
 from res2det.errors import DataError
 
+from conftest import one_error_line
 from test_data_coco import bad_ann, mini_coco
-
-
-def _one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("res2det: error: "), err
-    return lines[0]
 
 
 # --------------------------------------------------------------------------------------------- annotations
@@ -88,7 +84,7 @@ SET_VALUES = {  # --set edit -> phrase
 @pytest.mark.parametrize("edit", sorted(SET_VALUES))
 def test_bad_config_values_are_refused_before_anything_runs(edit, tmp_path, capsys):
     assert main(["train", "shapes", "--set", edit, "--out", str(tmp_path / "runs")]) == 2
-    assert SET_VALUES[edit] in _one_error_line(capsys)
+    assert SET_VALUES[edit] in one_error_line(capsys)
     assert not (tmp_path / "runs").exists()
 
 
@@ -106,7 +102,7 @@ def test_bad_config_files(body, tmp_path, capsys):
     path = tmp_path / "my_config.py"
     path.write_text(body)
     assert main(["train", str(path), "--out", str(tmp_path / "runs")]) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert str(path) in line and CONFIG_FILES[body] in line
 
 
@@ -119,7 +115,7 @@ def test_resume_never_picks_another_configs_run(tmp_path, capsys):
     (other / "config.json").write_text("{}\n")
     before = {p.name: p.read_bytes() for p in other.iterdir()}
     assert main(["train", "shapes", "--resume", "--out", str(tmp_path / "runs")]) == 2
-    assert "no run of 'shapes'" in _one_error_line(capsys)
+    assert "no run of 'shapes'" in one_error_line(capsys)
     assert {p.name: p.read_bytes() for p in other.iterdir()} == before
 
 
@@ -145,3 +141,64 @@ def test_atomic_writes_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
+
+
+@pytest.mark.parametrize("size", [(5000, 1), (2, 4000)], ids=["1x5000", "4000x2"])
+def test_extreme_aspect_images_are_detected_not_crashed(size, tmp_path, capsys):
+    """A strip whose short side would round to zero rows at the model's scale keeps one row."""
+    import json
+
+    w, h = size
+    path = tmp_path / "strip.png"
+    Image.fromarray(np.full((h, w, 3), 128, np.uint8)).save(path)
+    assert main(["infer", "--model", "mask_rcnn_r2_tiny_fpn", str(path), "--out", str(tmp_path / "d.json"),
+                 "--draw", str(tmp_path / "drawn")]) == 0
+    (record,) = json.loads((tmp_path / "d.json").read_text())
+    assert (record["width"], record["height"]) == (w, h)
+    assert Image.open(tmp_path / "drawn" / "strip.png").size == (w, h)
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+@pytest.mark.parametrize("change, words", [
+    (lambda sd, k: sd.__setitem__(k, sd[k].round().to(torch.int64)), "integer / float mismatches (1"),
+    (lambda sd, k: sd[k].view(-1).__setitem__(0, float("nan")), "NaN or infinite values (1)"),
+    (lambda sd, k: sd[k].view(-1).__setitem__(0, float("inf")), "NaN or infinite values (1)"),
+], ids=["int64-into-float", "nan", "inf"])
+def test_checkpoint_values_are_checked(change, words, tmp_path, capsys):
+    import res2det
+
+    model = res2det.create_model("mask_rcnn_r2_tiny_fpn")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    key = "roi_head.bbox_head.fc_cls.weight"
+    change(state, key)
+    path = tmp_path / "bad.pth"
+    torch.save(state, path)
+    image = tmp_path / "im.png"
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(image)
+    assert main(["infer", "--model", "mask_rcnn_r2_tiny_fpn", "--weights", str(path), str(image)]) == 2
+    line = one_error_line(capsys)
+    assert str(path) in line and words in line
+
+
+# ------------------------------------------------------------------------------------------ output paths
+@pytest.mark.parametrize("flag, target, words", [
+    ("--out", "folder", "is a folder; --out takes the path of a file"),
+    ("--out", "file/x.json", "is a file, so nothing can be written under it"),
+    ("--draw", "file", "is a file; --draw takes the path of a folder"),
+    ("--draw", "file/sub", "is a file, so nothing can be written under it"),
+])
+def test_infer_checks_output_paths_before_any_work(flag, target, words, tmp_path, capsys):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("keep me\n")
+    image = tmp_path / "im.png"
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(image)
+    assert main(["infer", "--model", "mask_rcnn_r2_tiny_fpn", str(image), flag, str(tmp_path / target)]) == 2
+    assert words in one_error_line(capsys)
+    assert (tmp_path / "file").read_text() == "keep me\n" and not any((tmp_path / "folder").iterdir())
+
+
+def test_train_checks_its_output_folder_first(tmp_path, capsys):
+    (tmp_path / "file").write_text("keep me\n")
+    assert main(["train", "shapes", "--out", str(tmp_path / "file")]) == 2
+    assert "is a file; --out takes the path of a folder" in one_error_line(capsys)
+    assert (tmp_path / "file").read_text() == "keep me\n"

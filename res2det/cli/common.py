@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
+from pathlib import Path
 
 from ..errors import Res2DetError
 
@@ -30,12 +32,34 @@ def parse_size(text: str, *, multiple_of: int = 1, square_ok: bool = True) -> tu
     return h, w
 
 
+def check_output(path: str | os.PathLike, flag: str, *, folder: bool = False) -> Path:
+    """Before any work: ``path`` can be written as a file (or, with ``folder``, created as a folder); one clear
+    error otherwise (a folder where a file goes, a file on the way, no write permission)."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        raise Res2DetError(f"{flag} {path}: is a {'file' if folder else 'folder'}; {flag} takes the path of a "
+                           f"{'folder' if folder else 'file'} to write")
+    parent = path if folder and path.is_dir() else path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise Res2DetError(f"{flag} {path}: {parent} is a file, so nothing can be written under it")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise Res2DetError(f"{flag} {path}: {parent} is not writable")
+    return path
+
+
 def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
-    """Parse and run; a user error (``Res2DetError``) is one line on stderr and exit code 2, no traceback."""
+    """Parse and run; a user error (``Res2DetError``) is one line on stderr and exit code 2, no traceback; so
+    is a failed write (disk full, read-only folder), naming the file."""
     args = parser.parse_args(argv)
     try:
         args.func(args)
     except Res2DetError as e:
         print(f"res2det: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        where = e.filename or "writing the output"
+        print(f"res2det: error: {where}: {e.strerror or e}", file=sys.stderr)
         return 2
     return 0

@@ -12,7 +12,7 @@ import torch
 from ..version import __version__
 from ..checkpoint import atomic_write
 from ..errors import Res2DetError
-from .common import run, text_table
+from .common import check_output, run, text_table
 
 
 def cmd_list(args) -> None:
@@ -107,6 +107,10 @@ def cmd_infer(args) -> None:
         raise Res2DetError(f"--score-thr must lie in [0, 1], got {args.score_thr}")
     for image in args.images:  # fail on a missing or non-image file before building the model
         check_image(image)
+    if args.out:
+        check_output(args.out, "--out")
+    if args.draw:
+        check_output(args.draw, "--draw", folder=True)
     if args.onnx is not None:  # the exported graph in ONNX Runtime, with the same predict()
         from .export import onnx_detector
 

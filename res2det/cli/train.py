@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from ..errors import Res2DetError
+from .common import check_output
 
 
 def _config(args):
@@ -20,7 +21,9 @@ def _config(args):
         cfg = dataclasses.replace(cfg, device=args.device)
     if args.out:
         cfg = dataclasses.replace(cfg, out_dir=args.out)
-    return apply_settings(cfg, args.set or [])
+    cfg = apply_settings(cfg, args.set or [])
+    check_output(cfg.out_dir, "--out", folder=True)  # before any data is read or model built
+    return cfg
 
 
 def _run_name(config: str) -> str:

@@ -56,14 +56,18 @@ def load_weights(model: nn.Module, spec: ModelSpec, path: str, *, weights_format
         fmt = "res2det"
     else:
         fmt = weights_format or spec.detect_format(state)
+        own = model.state_dict()
+        if fmt is None and 2 * len(set(state) & set(own)) >= len(own):
+            fmt = "res2det"  # a plain state dict in res2det's own names (torch.save(model.state_dict()))
         if fmt is None:
-            raise CheckpointError(
-                f"{path}: cannot tell the checkpoint format from its keys (first: {list(state)[:3]}); "
-                f"pass weights_format= one of {sorted(spec.key_maps)}"
-            )
-        if fmt not in spec.key_maps:
-            raise CheckpointError(f"{path}: format {fmt!r} is not available for {spec.name}; use one of {sorted(spec.key_maps)}")
-        state = spec.key_maps[fmt](state)
+            known = ", ".join(["res2det's own names", *sorted(spec.key_maps)])
+            raise CheckpointError(f"{path}: not a {spec.name} checkpoint in a layout res2det reads ({known}); "
+                                  f"its first keys: {list(state)[:3]}")
+        if fmt != "res2det":
+            if fmt not in spec.key_maps:
+                raise CheckpointError(f"{path}: format {fmt!r} is not available for {spec.name}; use one of "
+                                      f"{sorted(spec.key_maps)}")
+            state = spec.key_maps[fmt](state)
     load_state_dict_strict(model, state, source=f"{path} ({fmt} format, model {spec.name})")
     return fmt
 

@@ -27,7 +27,7 @@ from res2det.models.heads import paste_masks as library_paste_masks  # noqa: E40
 from res2det.models.heads.post_processing import SPLIT_THR, batched_nms  # noqa: E402
 from res2det.ops import box_iou, roi_align  # noqa: E402
 
-from conftest import PHOTO, SHARED  # noqa: E402
+from conftest import PHOTO, SHARED, one_error_line  # noqa: E402
 
 TINY = "mask_rcnn_r2_tiny_fpn"  # the zoo's small Mask R-CNN: the same graph as the R2-101 one, fast
 OTHER_PHOTO = SHARED / "data" / "tiny_coco" / "val2017" / "000000122745.jpg"  # 480x640 portrait
@@ -254,14 +254,6 @@ def test_graph_without_detections(tiny_model, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- CLI
-def _error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("res2det: error: "), err
-    return lines[0]
-
-
 def _detections(record: dict) -> res2det.Detections:
     """A ``res2det infer --out`` record back as ``Detections`` (masks decoded from their RLE)."""
     from pycocotools import mask as mask_utils
@@ -341,20 +333,20 @@ def test_export_errors(args, message, tmp_path, capsys):
     if "--out" not in args:
         args += ["--out", str(tmp_path / "m.onnx")]
     assert main(["export", *args]) == 2
-    assert message.replace("{tmp}", str(tmp_path)) in _error_line(capsys)
+    assert message.replace("{tmp}", str(tmp_path)) in one_error_line(capsys)
     assert not (tmp_path / "m.onnx").exists()
 
 
 def test_infer_onnx_errors(tiny_onnx, tmp_path, capsys):
     photo = str(PHOTO)
     assert main(["infer", photo]) == 2
-    assert "infer needs --model NAME (or --onnx FILE" in _error_line(capsys)
+    assert "infer needs --model NAME (or --onnx FILE" in one_error_line(capsys)
     assert main(["infer", "--onnx", str(tmp_path / "none.onnx"), photo]) == 2
-    assert _error_line(capsys) == f"res2det: error: {tmp_path / 'none.onnx'}: ONNX file not found"
+    assert one_error_line(capsys) == f"res2det: error: {tmp_path / 'none.onnx'}: ONNX file not found"
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"\x08\x07 not a protobuf" * 50)
     assert main(["infer", "--onnx", str(junk), photo]) == 2
-    assert f"{junk}: not a readable ONNX file" in _error_line(capsys)
+    assert f"{junk}: not a readable ONNX file" in one_error_line(capsys)
     plain = tmp_path / "plain.onnx"  # a valid ONNX file that `res2det export` did not write
     import onnx
 
@@ -364,10 +356,10 @@ def test_infer_onnx_errors(tiny_onnx, tmp_path, capsys):
         [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])]),
         opset_imports=[onnx.helper.make_opsetid("", OPSET)], ir_version=8), str(plain))
     assert main(["infer", "--onnx", str(plain), photo]) == 2
-    assert f"{plain}: not an ONNX file written by `res2det export`" in _error_line(capsys)
+    assert f"{plain}: not an ONNX file written by `res2det export`" in one_error_line(capsys)
     assert main(["infer", "--onnx", str(tiny_onnx), "--weights", "w.pth", photo]) == 2
-    assert "--weights does not apply with --onnx" in _error_line(capsys)
+    assert "--weights does not apply with --onnx" in one_error_line(capsys)
     assert main(["infer", "--onnx", str(tiny_onnx), "--model", "mask_rcnn_r2_101_fpn_2x_coco", photo]) == 2
-    assert f"this ONNX file holds '{TINY}', not 'mask_rcnn_r2_101_fpn_2x_coco'" in _error_line(capsys)
+    assert f"this ONNX file holds '{TINY}', not 'mask_rcnn_r2_101_fpn_2x_coco'" in one_error_line(capsys)
     assert main(["infer", "--onnx", str(tiny_onnx), str(tmp_path / "no.jpg")]) == 2
-    assert _error_line(capsys) == f"res2det: error: {tmp_path / 'no.jpg'}: image file not found"
+    assert one_error_line(capsys) == f"res2det: error: {tmp_path / 'no.jpg'}: image file not found"
