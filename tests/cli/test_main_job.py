@@ -1,5 +1,5 @@
 """`res2det infer` of the R2-101 Mask R-CNN on a real photo, drawn, and the published-weights download path of a
-detector. The README's main job, `res2det train shapes`, is exercised by tests/test_engine_train.py."""
+detector. The README's main job, `res2det train shapes`, is exercised by tests/engine/test_engine_train.py."""
 from __future__ import annotations
 
 import dataclasses
