@@ -83,6 +83,9 @@ def read_pdparams(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     bad = [str(k) for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, np.ndarray)]
     if bad or not obj:
         raise CheckpointError(f"{path}: expected {{name: ndarray}}, found other entries: {bad[:6] or 'none at all'}")
+    non_numeric = [f"{k} ({v.dtype})" for k, v in obj.items() if v.dtype.kind not in "biuf"]
+    if non_numeric:
+        raise CheckpointError(f"{path}: arrays that are not numbers ({len(non_numeric)}): {non_numeric[:6]}")
     return {k: torch.from_numpy(np.ascontiguousarray(v).copy()) for k, v in obj.items()}
 
 

@@ -202,3 +202,36 @@ def test_train_checks_its_output_folder_first(tmp_path, capsys):
     assert main(["train", "shapes", "--out", str(tmp_path / "file")]) == 2
     assert "is a file; --out takes the path of a folder" in one_error_line(capsys)
     assert (tmp_path / "file").read_text() == "keep me\n"
+
+
+def test_pdparams_with_arrays_that_are_not_numbers(tmp_path, capsys):
+    import pickle
+
+    path = tmp_path / "obj.pdparams"
+    path.write_bytes(pickle.dumps({"conv1_weights": np.array(["a", 1], dtype=object)}, protocol=2))
+    image = tmp_path / "im.png"
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(image)
+    assert main(["infer", "--model", "faster_rcnn_res2net50_vb_26w_4s_fpn_1x_coco", "--weights", str(path),
+                 str(image)]) == 2
+    assert "arrays that are not numbers (1): ['conv1_weights (object)']" in one_error_line(capsys)
+
+
+def test_test_refuses_a_checkpoint_trained_on_other_classes(tmp_path, capsys):
+    """Same number of classes, other names: evaluating would score labels against the wrong categories."""
+    import shutil
+
+    import res2det
+    from res2det.checkpoint import save_weights
+
+    ann_file, image_dir = mini_coco(tmp_path / "mini")  # categories 'three' and 'seven'
+    root = tmp_path / "data"
+    (root / "annotations").mkdir(parents=True)
+    shutil.copy(ann_file, root / "annotations" / "instances_val.json")
+    shutil.copytree(image_dir, root / "val")
+    model = res2det.create_model("mask_rcnn_r2_tiny_fpn", num_classes=2, class_names=("cat", "dog"))
+    weights = tmp_path / "w.safetensors"
+    save_weights(model, weights, model_name="mask_rcnn_r2_tiny_fpn",
+                 options={"num_classes": 2, "class_names": ["cat", "dog"]})
+    assert main(["test", "shapes", "--data", str(root), "--weights", str(weights), "--out", str(tmp_path / "o")]) == 2
+    line = one_error_line(capsys)
+    assert str(weights) in line and "trained on classes ['cat', 'dog']" in line and "'three'" in line

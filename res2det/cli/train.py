@@ -101,13 +101,19 @@ def cmd_test(args) -> None:
     from ..engine.distributed import init_distributed
     from ..engine.trainer import build_dataset, model_preprocess, new_run_dir
     from ..evaluation import evaluate_model
-    from ..zoo import create_model
+    from ..zoo import create_model, recorded_options
 
     cfg = _config(args)
     dist = init_distributed(cfg.device)
     val = build_dataset(cfg, model_preprocess(cfg), "val")
-    model = create_model(cfg.model, weights=args.weights, **cfg.model_options, num_classes=len(val.class_names),
-                         class_names=tuple(val.class_names)).to(dist.device)
+    names = tuple(val.class_names)
+    trained = recorded_options(args.weights).get("class_names")
+    if trained is not None and tuple(trained) != names:  # same count, other classes: labels would map wrongly
+        raise Res2DetError(f"{args.weights}: trained on classes {list(trained)[:5]}{'...' if len(trained) > 5 else ''} "
+                           f"but {val.ann_file} has {list(names)[:5]}{'...' if len(names) > 5 else ''}; "
+                           "evaluate on data with the same categories")
+    model = create_model(cfg.model, weights=args.weights, **cfg.model_options, num_classes=len(names),
+                         class_names=names).to(dist.device)
     run_dir = new_run_dir(cfg.out_dir, f"{_run_name(args.config)}-test")
     metrics = evaluate_model(model, val, batch_size=cfg.batch_size, device=dist.device, out_dir=run_dir)
     if dist.is_main:

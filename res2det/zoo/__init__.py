@@ -85,6 +85,12 @@ def _recorded_options(meta: dict, path: str) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
 
 
+def recorded_options(path: str) -> dict[str, Any]:
+    """The ``create_model`` overrides (``num_classes``, ``class_names``) a res2det checkpoint file records; ``{}``
+    for other checkpoints."""
+    return _recorded_options(read_weights(path)[1], path)
+
+
 def create_model(name: str, weights: str | None = None, *, weights_format: str | None = None, config: Any = None,
                  **overrides) -> nn.Module:
     """Build a named model; with ``weights`` (a file, or a published source such as 'official') load them
@@ -143,5 +149,5 @@ def load_backbone_weights(model: nn.Module, weights: str, *, classifier: str) ->
     load_state_dict_strict(backbone, state, source=f"{path} ({classifier} ImageNet weights -> backbone)")
 
 
-__all__ = ["create_model", "list_models", "get_spec", "load_weights", "load_backbone_weights", "MODELS", "ModelSpec", "Preprocess",
+__all__ = ["create_model", "recorded_options", "list_models", "get_spec", "load_weights", "load_backbone_weights", "MODELS", "ModelSpec", "Preprocess",
            "PublishedWeights", "register", "apply_overrides"]
