@@ -134,4 +134,3 @@ def image_list(images: Any) -> list:
     if isinstance(images, (torch.Tensor, np.ndarray)):
         return list(images) if images.ndim == 4 else [images]
     return list(images)
-

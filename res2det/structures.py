@@ -84,6 +84,10 @@ class InstanceMasks:
     def cpu(self) -> "InstanceMasks":
         return InstanceMasks([c.cpu() for c in self.crops], self.origins, self.height, self.width)
 
+    def clone(self) -> "InstanceMasks":
+        """Copies of the crops (e.g. ordinary tensors out of ``torch.inference_mode``)."""
+        return InstanceMasks([c.clone() for c in self.crops], self.origins, self.height, self.width)
+
     def select(self, keep: Sequence[int]) -> "InstanceMasks":
         return InstanceMasks([self.crops[i] for i in keep], [self.origins[i] for i in keep], self.height, self.width)
 

@@ -183,7 +183,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.set_defaults(func=cmd_infer)
 
-
     from .train import add_parsers as add_train_parsers
 
     add_train_parsers(sub)

@@ -62,7 +62,7 @@ def _usable(ann: dict) -> bool:
     return w >= 1 and h >= 1 and ann.get("area", 1) > 0
 
 
-def _hashable(x: Any) -> bool:
+def _is_id(x: Any) -> bool:
     return isinstance(x, (int, str)) and not isinstance(x, bool)
 
 
@@ -274,7 +274,7 @@ class CocoDataset(torch.utils.data.Dataset):
         problems: list[str] = []
         by_id: dict[Any, dict] = {}
         for img in images:
-            if not _hashable(img.get("id")):
+            if not _is_id(img.get("id")):
                 raise DataError(f"{self.ann_file}: image {img.get('file_name', '?')!r} has id {img.get('id')!r}; "
                                 "image ids must be integers or strings")
             if img["id"] in by_id:
@@ -286,7 +286,7 @@ class CocoDataset(torch.utils.data.Dataset):
         per_image: dict[Any, list[dict]] = {i: [] for i in by_id}
         seen_ids: set = set()
         for ann in anns:
-            if "id" in ann and _hashable(ann["id"]):
+            if "id" in ann and _is_id(ann["id"]):
                 if ann["id"] in seen_ids:  # COCOeval would keep every copy as another object
                     self._bad("duplicate_annotation_id", f"{self.ann_file}: duplicate annotation id {ann['id']!r}",
                               problems)

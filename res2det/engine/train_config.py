@@ -125,7 +125,6 @@ class TrainConfig:
                device=re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)) is not None)
 
 
-
 # ----------------------------------------------------------------------------------------------------- presets
 def _zoo_presets() -> dict[str, TrainConfig]:
     from ..zoo import MODELS

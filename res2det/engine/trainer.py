@@ -20,6 +20,7 @@ from .train_config import TrainConfig, config_to_dict
 from .distributed import DistInfo, all_reduce_mean, any_rank, barrier, broadcast_object, init_distributed
 from .plot import plot_training
 from .schedule import build_optimizer, build_scheduler
+from ..models.losses import total_loss
 from .step import detector_losses
 
 
@@ -334,7 +335,7 @@ class Trainer:
         terms = dict(zip(names, mean))
         record = {"kind": "train", "iter": self.iteration, "epoch": epoch + 1,
                   "lr": self.optimizer.param_groups[0]["lr"],
-                  "loss": sum(v for k, v in terms.items() if "loss" in k), **terms,
+                  "loss": total_loss(terms), **terms,
                   "memory_mb": round(_memory_mb(self.dist.device), 1), "time": round(time.perf_counter() - t0, 2)}
         if self.dist.is_main:
             with open(log, "a") as f:

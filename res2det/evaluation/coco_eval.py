@@ -46,7 +46,8 @@ def _numpy(x: Any) -> np.ndarray:
 def to_coco_results(image_id: int, boxes: Any, scores: Any, labels: Any, masks: Any = None, *,
                     label_to_cat_id: Sequence[int] | Mapping[int, int]) -> tuple[list[dict], list[dict]]:
     """One image's detections (xyxy ``boxes [K, 4]``, ``scores [K]``, contiguous ``labels [K]``, optional bool
-    ``masks [K, H, W]`` or ``InstanceMasks``; tensors or arrays) -> ``(bbox_records, segm_records)`` in COCO's results format.
+    ``masks [K, H, W]`` or ``InstanceMasks``; tensors or arrays) -> ``(bbox_records, segm_records)`` in COCO's
+    results format.
 
     Boxes become ``[x, y, w, h]``; masks compressed RLE with ``counts`` as str (JSON-ready). Segm records carry
     no ``bbox``: with one, ``COCO.loadRes`` would take the box area as the instance area, and the small /

@@ -56,9 +56,10 @@ def load_weights(model: nn.Module, spec: ModelSpec, path: str, *, weights_format
         fmt = "res2det"
     else:
         fmt = weights_format or spec.detect_format(state)
-        own = model.state_dict()
-        if fmt is None and 2 * len(set(state) & set(own)) >= len(own):
-            fmt = "res2det"  # a plain state dict in res2det's own names (torch.save(model.state_dict()))
+        if fmt is None:
+            own = model.state_dict()
+            if 2 * len(set(state) & set(own)) >= len(own):
+                fmt = "res2det"  # a plain state dict in res2det's own names (torch.save(model.state_dict()))
         if fmt is None:
             known = ", ".join(["res2det's own names", *sorted(spec.key_maps)])
             raise CheckpointError(f"{path}: not a {spec.name} checkpoint in a layout res2det reads ({known}); "
@@ -81,7 +82,8 @@ def _recorded_options(meta: dict, path: str) -> dict[str, Any]:
     except (TypeError, ValueError):
         options = None
     if not isinstance(options, dict):
-        raise CheckpointError(f"{path}: its recorded model options are not a JSON object: {meta.get('options')!r:.80}")
+        raise CheckpointError(f"{path}: its recorded model options are not a JSON object: "
+                              f"{meta.get('options')!r:.80}")
     return {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
 
 
@@ -149,5 +151,5 @@ def load_backbone_weights(model: nn.Module, weights: str, *, classifier: str) ->
     load_state_dict_strict(backbone, state, source=f"{path} ({classifier} ImageNet weights -> backbone)")
 
 
-__all__ = ["create_model", "recorded_options", "list_models", "get_spec", "load_weights", "load_backbone_weights", "MODELS", "ModelSpec", "Preprocess",
-           "PublishedWeights", "register", "apply_overrides"]
+__all__ = ["create_model", "recorded_options", "list_models", "get_spec", "load_weights", "load_backbone_weights",
+           "MODELS", "ModelSpec", "Preprocess", "PublishedWeights", "register", "apply_overrides"]

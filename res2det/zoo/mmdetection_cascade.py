@@ -4,10 +4,9 @@ from __future__ import annotations
 import re
 
 from ..models.detectors.cascade_detector import (HTC_TRAIN, CascadeDetectorConfig, CascadeRoIHeadConfig,
-                                        build_cascade_detector)
+                                                 build_cascade_detector)
 from ..models.heads import RCNNTestConfig
-from .mmdetection import (_MMDET_RULES, _R2_101, _detect, COCO_CLASSES, MMDET_TRAIN_MEMORY_GB,
-                        MMDET_URL)
+from .mmdetection import _MMDET_RULES, _R2_101, _detect, COCO_CLASSES, MMDET_TRAIN_MEMORY_GB, MMDET_URL
 from .registry import ModelSpec, PublishedWeights, StateDict, register, rename_by_rules
 
 # Cascade / HTC heads on top of the Faster/Mask R-CNN rules (the backbone, FPN and RPN rules are shared).

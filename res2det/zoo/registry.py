@@ -10,7 +10,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..structures import IMAGENET_MEAN, IMAGENET_STD, Preprocess  # noqa: F401  (re-exported)
+from ..structures import Preprocess
 
 StateDict = dict[str, torch.Tensor]
 KeyMap = Callable[[StateDict], StateDict]

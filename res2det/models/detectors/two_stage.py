@@ -7,10 +7,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ...structures import DETECTION_PREPROCESS, InstanceMasks, Preprocess
 from ..backbones import build_backbone
 from ..heads import (AnchorGenerator, FCNMaskHead, RPNHead, Shared2FCBBoxHead, StandardRoIHead, paste_mask_crops)
 from ..heads.paddle_conventions import PaddleAnchorGenerator, PaddleBBoxHead, PaddleRoIHead, PaddleRPNHead
-from ...structures import DETECTION_PREPROCESS, InstanceMasks, Preprocess
 from ..necks import FPN
 from .detector_config import DetectorConfig
 
@@ -141,7 +141,7 @@ class TwoStageDetector(nn.Module):
                     out.append(Detections(
                         boxes=boxes.clone(), scores=scores.clone(), labels=labels.clone(),
                         categories=[names[i] if i < len(names) else str(i) for i in labels.tolist()],
-                        masks=None if masks is None else _clone_masks(masks), width=int(rgb.shape[1]),
+                        masks=None if masks is None else masks.clone(), width=int(rgb.shape[1]),
                         height=int(rgb.shape[0])))
         finally:
             self.train(was_training)
@@ -237,11 +237,6 @@ class _RPNStep(NamedTuple):
     gt_masks: list[Tensor] | None
     losses: dict[str, Tensor]
     proposals: list[Tensor]
-
-
-def _clone_masks(masks: InstanceMasks) -> InstanceMasks:
-    """Ordinary tensors out of inference mode (inference tensors refuse in-place edits later)."""
-    return InstanceMasks([c.clone() for c in masks.crops], masks.origins, masks.height, masks.width)
 
 
 def _clip(boxes: Tensor, h: int, w: int) -> Tensor:

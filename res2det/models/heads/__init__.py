@@ -10,7 +10,8 @@ from .targets import AssignResult, MaxIoUAssigner, RandomSampler, SamplingResult
 
 __all__ = [
     "AnchorGenerator", "DeltaXYWHBBoxCoder", "RPNHead", "ProposalConfig", "RPNTrainConfig", "Shared2FCBBoxHead",
-    "FCNMaskHead", "paste_masks", "paste_mask_crops", "StandardRoIHead", "RCNNTestConfig", "RCNNTrainConfig", "boxes_to_rois",
+    "FCNMaskHead", "paste_masks", "paste_mask_crops", "StandardRoIHead", "RCNNTestConfig", "RCNNTrainConfig",
+    "boxes_to_rois",
     "batched_nms", "multiclass_nms", "MaxIoUAssigner", "RandomSampler", "AssignResult", "SamplingResult",
     "assign_and_sample",
 ]

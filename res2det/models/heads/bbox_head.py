@@ -42,7 +42,8 @@ class Shared2FCBBoxHead(nn.Module):
         x = x.flatten(1)
         for fc in self.shared_fcs:
             x = F.relu(fc(x))
-        return at_least_fp32(self.fc_cls(x)), at_least_fp32(self.fc_reg(x))  # fp32 under autocast (decoding, softmax, losses)
+        # fp32 under autocast (decoding, softmax, losses)
+        return at_least_fp32(self.fc_cls(x)), at_least_fp32(self.fc_reg(x))
 
     def predict(self, rois: Tensor, cls_score: Tensor, bbox_pred: Tensor, image_size: tuple[int, int], *,
                 score_thr: float, iou_threshold: float, max_per_img: int) -> tuple[Tensor, Tensor, Tensor]:
