@@ -10,7 +10,7 @@ same step runs here through ``res2det.engine.step.training_step`` and must agree
   GRAD_NORM_RTOL); the same parameters trainable and frozen;
 * full predictor gradients: max |difference| <= 1e-3 x max |reference|.
 
-``python -m pytest -s tests/engine/test_train_parity.py`` prints the worst differences per detector; with
+``python -m pytest -s tests/test_train_parity.py`` prints the worst differences per detector; with
 ``RES2DET_TRAIN_PARITY_FLOAT64=1`` res2det runs the step in float64, so the printed differences are the
 reference's own float32 error.
 """
