@@ -107,23 +107,32 @@ def resize_bilinear(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
     return x[0].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
 
 
-def detection_input(rgb: np.ndarray, pre: Preprocess) -> tuple[torch.Tensor, tuple[float, float]]:
+def detection_input(rgb: np.ndarray, pre: Preprocess, *, fit: tuple[int, int] | None = None
+                    ) -> tuple[torch.Tensor, tuple[float, float]]:
     """mmdetection's test pipeline for one HxWx3 uint8 RGB image: keep-ratio resize to fit the
-    ``pre.input_size`` (short, long) bounds, then normalise. Returns ``(3 x h' x w' tensor, (w'/w, h'/h))``,
-    the per-axis scale factors that map original pixels to input pixels. Padding is done per batch
-    (``pad_batch``)."""
+    ``pre.input_size`` (short, long) bounds, then normalise. ``fit=(H, W)`` (a fixed-size graph's input) also
+    scales an image that would not fit down until it does (mmcv's rounding). Returns ``(3 x h' x w' tensor,
+    (w'/w, h'/h))``, the per-axis scale factors that map original pixels to input pixels. Padding is done per
+    batch (``pad_batch``)."""
     h, w = rgb.shape[:2]
     if h < 1 or w < 1:
         raise Res2DetError(f"empty image of size {w}x{h}")
     new_w, new_h = rescale_size(w, h, pre.input_size)
+    if fit is not None and (new_h > fit[0] or new_w > fit[1]):
+        scale = min(fit[1] / w, fit[0] / h)
+        new_w, new_h = max(min(int(w * scale + 0.5), fit[1]), 1), max(min(int(h * scale + 0.5), fit[0]), 1)
     return normalize(resize_bilinear(rgb, new_w, new_h), pre), (new_w / w, new_h / h)
 
 
-def pad_batch(images: list[torch.Tensor], divisor: int = 32) -> torch.Tensor:
+def pad_batch(images: list[torch.Tensor], divisor: int = 32, *, size: tuple[int, int] | None = None) -> torch.Tensor:
     """Stack ``3 x h x w`` tensors into ``N x 3 x H x W``, zero-padded on the bottom/right to the largest size
-    rounded up to a multiple of ``divisor`` (mmdet's ``DetDataPreprocessor``, padding after normalisation)."""
-    hs, ws = [x.shape[-2] for x in images], [x.shape[-1] for x in images]
-    ph, pw = -(-max(hs) // divisor) * divisor, -(-max(ws) // divisor) * divisor
+    rounded up to a multiple of ``divisor`` (mmdet's ``DetDataPreprocessor``, padding after normalisation), or
+    to exactly ``size = (H, W)``."""
+    if size is not None:
+        ph, pw = size
+    else:
+        hs, ws = [x.shape[-2] for x in images], [x.shape[-1] for x in images]
+        ph, pw = -(-max(hs) // divisor) * divisor, -(-max(ws) // divisor) * divisor
     return torch.stack([F.pad(x, (0, pw - x.shape[-1], 0, ph - x.shape[-2])) for x in images])
 
 

@@ -2,7 +2,7 @@
 
 ``create_model(name, **overrides)``, a training config's ``model_options`` and ``res2det train --set`` all go
 through ``apply_overrides``. A key is a dotted path of field names (``backbone.frozen_stages``,
-``roi_head.stage_train.0.sampler.num``: a number indexes a tuple), or a bare field name that occurs exactly once
+``roi_head.stages.0.train.sampler.num``: a number indexes a tuple), or a bare field name that occurs exactly once
 anywhere in the config (``frozen_stages``, ``num_classes``); an ambiguous bare name is an error that lists its
 paths. Values are checked against the field's annotation (ints are accepted for floats; lists become tuples).
 """
@@ -39,14 +39,16 @@ def resolve_path(config: Any, key: str, *, what: str = "option") -> list[str]:
 
 
 def _field_paths(obj: Any, prefix: tuple[str, ...] = ()) -> list[list[str]]:
-    """Every field path of a nested dataclass (not into tuples)."""
+    """Every field path of a nested dataclass, into tuples of dataclasses by index (``roi_head.stages.0``)."""
     out = []
     for f in dataclasses.fields(obj):
         path = prefix + (f.name,)
         out.append(list(path))
         value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            out += _field_paths(value, path)
+        items = enumerate(value) if isinstance(value, tuple) else [(None, value)]
+        for i, item in items:
+            if dataclasses.is_dataclass(item) and not isinstance(item, type):
+                out += _field_paths(item, path if i is None else path + (str(i),))
     return out
 
 

@@ -247,7 +247,7 @@ def synthetic_targets(config, x: torch.Tensor, sizes: list) -> list[dict[str, to
             for k, (x1, y1, x2, y2) in enumerate(ints):
                 masks[k, y1:y2, x1:x2] = 1
             t["masks"] = masks.to(x.device)
-        if getattr(head, "with_semantic", False):
+        if head.htc is not None and head.htc.with_semantic:
             semantic = torch.zeros(h, w, dtype=torch.long)
             for label, (x1, y1, x2, y2) in zip(labels.tolist(), ints):
                 semantic[y1:y2, x1:x2] = label + 1

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "res2det"
 LAYERS = [
     {"errors", "version", "structures", "images", "overrides"},  # plain types, images, config edits
     {"ops"},  # detection ops (RoIAlign, NMS, deformable conv, Winograd), pure PyTorch
-    {"models"},  # backbones, necks, heads, detectors: nn.Modules built from typed configs
+    {"models", "inference"},  # nn.Modules built from typed configs; the inference path their predict runs
     {"checkpoint", "pdparams"},  # reading and writing weight files
     {"zoo"},  # named models, their published weights and key maps
     {"data", "evaluation", "deploy", "engine", "optimize", "visualize", "utils", "profiling"},

@@ -15,19 +15,19 @@ HTC = "htc_r2_101_fpn_20e_coco"
 def test_dotted_paths_bare_names_and_tuple_indices():
     cfg = get_spec(HTC).config
     out = apply_overrides(cfg, {"backbone.frozen_stages": 0, "num_classes": 3,
-                                "roi_head.stage_train.2.sampler.num": 64, "rpn.rpn_train.allowed_border": 5,
+                                "roi_head.stages.2.train.sampler.num": 64, "rpn.rpn_train.allowed_border": 5,
                                 "score_thr": 0.3})
     assert out.backbone.frozen_stages == 0 and out.roi_head.num_classes == 3
-    assert [t.sampler.num for t in out.roi_head.stage_train] == [512, 512, 64]
+    assert [t.train.sampler.num for t in out.roi_head.stages] == [512, 512, 64]
     assert out.rpn.rpn_train.allowed_border == 5 and out.roi_head.rcnn_test.score_thr == 0.3
     assert cfg.backbone.frozen_stages == 1  # the zoo row's config is untouched (frozen dataclasses)
 
 
 @pytest.mark.parametrize("overrides, words", [
-    ({"assigner": None}, "ambiguous .* rpn.rpn_train.assigner, roi_head.rcnn_train.assigner"),
+    ({"assigner": None}, "ambiguous .* rpn.rpn_train.assigner, roi_head.stages.0.train.assigner"),
     ({"frozen_stage": 1}, "no field 'frozen_stage'"),
     ({"backbone.depth": 34}, "not a valid value"),
-    ({"roi_head.stage_train.3.sampler.num": 1}, "not an index"),
+    ({"roi_head.stages.3.train.sampler.num": 1}, "not an index"),
     ({"backbone.frozen_stages.x": 1}, "has no field 'x'"),
 ])
 def test_bad_overrides_name_the_key(overrides, words):

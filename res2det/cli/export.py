@@ -21,7 +21,7 @@ def cmd_export(args) -> None:
     if spec.task not in DETECTION_TASKS:
         detectors = [n for t in DETECTION_TASKS for n in list_models(t)]
         raise Res2DetError(f"{args.model} is a {spec.task} model; export needs a detector: {', '.join(detectors)}")
-    if getattr(spec.config, "conventions", "mmdet") != "mmdet":
+    if spec.config.conventions != "mmdet":
         raise Res2DetError(f"ONNX export of PaddleDetection-convention detectors ({args.model}) is not implemented; "
                            "export an mmdetection row")
     if args.size is not None and args.dynamic:

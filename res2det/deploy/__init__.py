@@ -1,10 +1,10 @@
-"""Deployment: ONNX export of the detectors (NMS and mask pasting inside the graph) and an ONNX Runtime runner
-with ``predict``'s pre- and post-processing.
+"""Deployment: ONNX export of the detectors (the model's own ``detect``, NMS inside the graph) and an ONNX
+Runtime runner with ``predict``'s pre- and post-processing (``res2det.inference``).
 
 ``export_onnx(model, path, size=None)`` writes the graph; ``OnnxDetector(path).predict(images)`` runs it.
 Needs the ``onnx`` extra (onnx, onnxruntime)."""
 from .onnx_export import export_onnx
 from .graph import DetectionGraph
-from .runner import GraphInfo, OnnxDetector, graph_inputs
+from .runner import GraphInfo, OnnxDetector
 
-__all__ = ["export_onnx", "DetectionGraph", "OnnxDetector", "GraphInfo", "graph_inputs"]
+__all__ = ["export_onnx", "DetectionGraph", "OnnxDetector", "GraphInfo"]

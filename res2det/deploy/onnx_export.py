@@ -12,8 +12,8 @@ import torch
 from ..version import __version__
 from ..checkpoint import atomic_write
 from ..errors import Res2DetError
+from ..ops.onnx_ops import OPSET, register_symbolics
 from .graph import INPUT_NAMES, DetectionGraph, check_exportable
-from .onnx_ops import OPSET, register_symbolics
 from .runner import METADATA_KEY, SIZE_DIVISOR, GraphInfo
 
 # The size a dynamic graph is traced at; any other multiple of 32 runs through the same graph.
@@ -49,14 +49,12 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, *, size: Sequen
     info = GraphInfo(model=model_name or getattr(model, "model_name", type(model).__name__),
                      class_names=tuple(model.class_names), mean=tuple(pre.mean), std=tuple(pre.std),
                      resize_bounds=tuple(pre.input_size), input_size=None if size is None else (h, w),
-                     with_mask=bool(model.roi_head.with_mask), opset=OPSET, res2det_version=__version__)
+                     with_mask=bool(model.roi_head.with_mask), mask_thr=float(model.roi_head.test_cfg.mask_thr_binary),
+                     opset=OPSET, res2det_version=__version__)
     graph = DetectionGraph(model)
     param = next(model.parameters())
-    example = (torch.zeros(1, 3, h, w, dtype=param.dtype, device=param.device),
-               torch.tensor([h, w]), torch.tensor([h, w]), torch.tensor([1.0, 1.0]))
-    dynamic_axes = {"boxes": {0: "detections"}, "scores": {0: "detections"}, "labels": {0: "detections"}}
-    if graph.with_mask:
-        dynamic_axes["masks"] = {0: "detections", 1: "orig_height", 2: "orig_width"}
+    example = (torch.zeros(1, 3, h, w, dtype=param.dtype, device=param.device), torch.tensor([h, w]))
+    dynamic_axes = {name: {0: "detections"} for name in graph.output_names}
     if size is None:
         dynamic_axes["image"] = {2: "height", 3: "width"}
     register_symbolics()

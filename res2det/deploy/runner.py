@@ -1,5 +1,5 @@
-"""Running an exported detector with ONNX Runtime: the same pre-processing and the same ``Detections`` as
-``TwoStageDetector.predict``.
+"""Running an exported detector with ONNX Runtime through ``res2det.inference.predict``: the same
+pre-processing, mask pasting and ``Detections`` as ``TwoStageDetector.predict``.
 
 Pre-processing stays outside the graph (it is a few lines of image resizing that every deployment does its own
 way): keep-ratio resize to the model's bounds (mmcv's rule, bilinear), normalise with the weights' own
@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
-from ..images import normalize, rescale_size, resize_bilinear, to_rgb_uint8
 from ..errors import Res2DetError
+from ..inference import predict
 from ..structures import Preprocess
 
 if TYPE_CHECKING:
@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 
 METADATA_KEY = "res2det"
 SIZE_DIVISOR = 32
+# 2: the graph ends at the detections in input pixels with 28x28 mask probabilities (pasted by the runner);
+# 1 (res2det <= 0.4) pasted masks inside and took orig_size / scale_factor inputs.
+GRAPH_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -41,8 +44,10 @@ class GraphInfo:
     resize_bounds: tuple[int, int]  # predict's (short, long) keep-ratio bounds
     input_size: tuple[int, int] | None  # the fixed (H, W) of the image input; None: dynamic
     with_mask: bool
+    mask_thr: float
     opset: int
     res2det_version: str
+    graph_format: int = GRAPH_FORMAT
 
     def to_json(self) -> str:
         return json.dumps({k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()})
@@ -50,6 +55,9 @@ class GraphInfo:
     @classmethod
     def from_json(cls, text: str) -> "GraphInfo":
         d = json.loads(text)
+        if d.get("graph_format", 1) != GRAPH_FORMAT:
+            raise ValueError(f"graph format {d.get('graph_format', 1)} of res2det {d.get('res2det_version')}; "
+                             f"this version reads format {GRAPH_FORMAT}: export the model again")
         for k in ("class_names", "mean", "std", "resize_bounds"):
             d[k] = tuple(d[k])
         d["input_size"] = None if d["input_size"] is None else tuple(d["input_size"])
@@ -58,26 +66,6 @@ class GraphInfo:
     @property
     def preprocess(self) -> Preprocess:
         return Preprocess(mean=self.mean, std=self.std, input_size=self.resize_bounds, crop_pct=None)
-
-
-def graph_inputs(rgb: np.ndarray, info: GraphInfo) -> dict[str, np.ndarray]:
-    """The graph's four inputs for one HxWx3 uint8 RGB image (see the module docstring)."""
-    h, w = rgb.shape[:2]
-    if h < 1 or w < 1:
-        raise Res2DetError(f"empty image of size {w}x{h}")
-    new_w, new_h = rescale_size(w, h, info.resize_bounds)
-    if info.input_size is not None:
-        ph, pw = info.input_size
-        if new_h > ph or new_w > pw:  # also fit the graph's fixed input (mmcv's rounding)
-            scale = min(pw / w, ph / h)
-            new_w, new_h = min(int(w * scale + 0.5), pw), min(int(h * scale + 0.5), ph)
-    else:
-        ph, pw = -(-new_h // SIZE_DIVISOR) * SIZE_DIVISOR, -(-new_w // SIZE_DIVISOR) * SIZE_DIVISOR
-    x = normalize(resize_bilinear(rgb, max(new_w, 1), max(new_h, 1)), info.preprocess)
-    image = torch.nn.functional.pad(x, (0, pw - x.shape[-1], 0, ph - x.shape[-2]))[None]
-    return {"image": image.numpy(), "image_size": np.array([x.shape[-2], x.shape[-1]], dtype=np.int64),
-            "orig_size": np.array([h, w], dtype=np.int64),
-            "scale_factor": np.array([x.shape[-1] / w, x.shape[-2] / h], dtype=np.float32)}
 
 
 def read_info(props: dict[str, str], path: str | os.PathLike) -> GraphInfo:
@@ -116,31 +104,24 @@ class OnnxDetector:
         self.path = path
         self.model_name = self.info.model
         self.class_names = self.info.class_names
+        self.output_names = [o.name for o in self.session.get_outputs()]
 
-    def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """The graph's raw outputs (boxes, scores, labels[, masks]) for prepared inputs."""
-        return self.session.run(None, inputs)
+    def detect(self, batch: torch.Tensor, sizes: list[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
+        """``TwoStageDetector.detect(..., paste_masks=False)`` through the graph, one image at a time."""
+        results = []
+        for image, (h, w) in zip(batch, sizes):
+            outputs = self.session.run(None, {"image": image[None].numpy(),
+                                              "image_size": np.array([h, w], dtype=np.int64)})
+            results.append({name: torch.from_numpy(v) for name, v in zip(self.output_names, outputs)})
+        return results
 
     def predict(self, images: "ImageLike | Sequence[ImageLike]", *, score_thr: float | None = None
                 ) -> "list[Detections]":
         """One ``Detections`` per image (paths, PIL images, arrays, tensors; one or a list), in original pixels,
         by decreasing score; ``score_thr`` keeps those scoring at least that much."""
-        from ..structures import Detections
-        from ..images import image_list
-
-        out = []
-        for item in image_list(images):
-            rgb = to_rgb_uint8(item)
-            boxes, scores, labels, *masks = self.run(graph_inputs(rgb, self.info))
-            keep = np.ones(len(scores), dtype=bool) if score_thr is None else scores >= score_thr
-            labels = torch.from_numpy(labels[keep].astype(np.int64))
-            names = self.class_names
-            out.append(Detections(
-                boxes=torch.from_numpy(boxes[keep]), scores=torch.from_numpy(scores[keep]), labels=labels,
-                categories=[names[i] if i < len(names) else str(i) for i in labels.tolist()],
-                masks=torch.from_numpy(masks[0][keep]) if masks else None,
-                width=int(rgb.shape[1]), height=int(rgb.shape[0])))
-        return out
+        info = self.info
+        return predict(self.detect, images, preprocess=info.preprocess, class_names=self.class_names,
+                       mask_thr=info.mask_thr, score_thr=score_thr, input_size=info.input_size)
 
 
-__all__ = ["OnnxDetector", "GraphInfo", "graph_inputs", "read_info", "METADATA_KEY"]
+__all__ = ["OnnxDetector", "GraphInfo", "read_info", "METADATA_KEY", "GRAPH_FORMAT"]

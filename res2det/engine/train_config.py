@@ -135,7 +135,8 @@ def _zoo_presets() -> dict[str, TrainConfig]:
             continue
         recipe = next((RECIPES[k] for k in ("20e", "2x", "1x") if f"_{k}_" in f"{name}_"), RECIPES["1x"])
         data = DataConfig()
-        if name.startswith("htc") and getattr(spec.config.roi_head, "with_semantic", False):
+        htc = spec.config.roi_head.htc
+        if htc is not None and htc.with_semantic:
             data = DataConfig(stuff_dir="stuffthingmaps/train2017")
         presets[name] = TrainConfig(model=name, recipe=recipe, data=data, backbone_init=_imagenet_init(name, spec))
     return presets
@@ -146,7 +147,7 @@ def _imagenet_init(name: str, spec: Any) -> tuple[str, str] | None:
     (= its 'v1d') weights. PaddleDetection starts from its own ImageNet .pdparams (Res2Net50_vb/vd_26w_4s),
     whose classifier key map res2det does not have: those presets start from scratch unless
     ``backbone_init`` or ``init_weights`` is set."""
-    if getattr(spec.config, "conventions", "mmdet") == "paddle":
+    if spec.config.conventions == "paddle":
         return None
     return (f"res2net{spec.config.backbone.depth}_v1b_26w_4s", "official")
 

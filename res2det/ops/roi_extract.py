@@ -7,6 +7,7 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor, nn
 
+from . import onnx_ops
 from .roi_align import roi_align
 
 
@@ -69,12 +70,20 @@ class MultiLevelRoIAlign(nn.Module):
     def forward(self, feats: Sequence[Tensor], rois: Tensor) -> Tensor:
         out_size = self.output_size
         out = feats[0].new_zeros(rois.shape[0], feats[0].shape[1], out_size, out_size)
-        if rois.shape[0] == 0:
+        exporting = onnx_ops.exporting()
+        if not exporting and rois.shape[0] == 0:
             return out
         levels = self.map_levels(rois) if self.num_levels > 1 else torch.zeros_like(rois[:, 0]).long()
         for lvl, stride in enumerate(self.featmap_strides):
             inds = torch.nonzero(levels == lvl).flatten()
-            if inds.numel():
+            if exporting:  # ONNX's RoiAlign; no Python branch on how many rois a level has in this image
+                if not self.aligned:
+                    raise ValueError("ONNX export supports aligned RoIAlign only")
+                r = rois[inds]
+                pooled = onnx_ops.roi_align(feats[lvl], r[:, 1:], r[:, 0].long(), out_size, 1.0 / stride,
+                                            self.sampling_ratio)
+                out = out.index_put((inds,), pooled)
+            elif inds.numel():
                 out[inds] = roi_align(feats[lvl], rois[inds], out_size, 1.0 / stride,
                                       self.sampling_ratio, self.aligned).to(out.dtype)
         return out

@@ -5,7 +5,7 @@ import dataclasses
 import re
 
 from ..models.backbones import BackboneConfig
-from ..models.detectors import DetectorConfig, FPNConfig, RoIHeadConfig, RPNConfig, build_detector
+from ..models.detectors import DetectorConfig, FPNConfig, RoIHeadConfig, RPNConfig, StageConfig, build_detector
 from ..models.heads import MaxIoUAssigner, ProposalConfig, RandomSampler, RCNNTrainConfig, RPNTrainConfig
 from ..structures import DETECTION_PREPROCESS
 from .registry import ModelSpec, PublishedWeights, StateDict, register, rename_by_rules
@@ -57,6 +57,7 @@ _R2_101 = BackboneConfig(depth=101, base_width=26, scale=4, stem="deep", shortcu
 # assigner (match_low_quality=True); the gts are also added as proposals, so this rarely changes anything.
 _MASK_RCNN_TRAIN = RCNNTrainConfig(assigner=MaxIoUAssigner(pos_iou_thr=0.5, neg_iou_thr=0.5, min_pos_iou=0.5,
                                                           match_low_quality=True))
+_MASK_RCNN_STAGES = (StageConfig(train=_MASK_RCNN_TRAIN),)
 
 _ROWS = [
     ("faster_rcnn_r2_101_fpn_2x_coco", "detection", False, "faster_rcnn_r2_101_fpn_2x_coco-175f1da6.pth",
@@ -75,7 +76,7 @@ for _name, _task, _mask, _file, _metrics in _ROWS:
             task=_task,
             config=DetectorConfig(
                 backbone=_R2_101,
-                roi_head=RoIHeadConfig(with_mask=True, rcnn_train=_MASK_RCNN_TRAIN) if _mask else RoIHeadConfig(),
+                roi_head=RoIHeadConfig(with_mask=True, stages=_MASK_RCNN_STAGES) if _mask else RoIHeadConfig(),
                 class_names=COCO_CLASSES,
             ),
             build=build_detector,
@@ -98,7 +99,7 @@ register(
         task="instance_segmentation",
         config=DetectorConfig(
             backbone=_R2_50_DCN,
-            roi_head=RoIHeadConfig(with_mask=True, rcnn_train=_MASK_RCNN_TRAIN),
+            roi_head=RoIHeadConfig(with_mask=True, stages=_MASK_RCNN_STAGES),
             class_names=COCO_CLASSES,
         ),
         build=build_detector,
@@ -124,8 +125,8 @@ register(
             rpn=RPNConfig(feat_channels=64, test_proposals=ProposalConfig(nms_pre=500, max_per_img=300),
                           rpn_train=RPNTrainConfig(proposals=ProposalConfig(nms_pre=1000, max_per_img=500))),
             roi_head=RoIHeadConfig(num_classes=3, fc_channels=256, with_mask=True, mask_num_convs=2,
-                                   mask_channels=64, rcnn_train=dataclasses.replace(
-                                       _MASK_RCNN_TRAIN, sampler=RandomSampler(num=128, pos_fraction=0.25))),
+                                   mask_channels=64, stages=(StageConfig(train=dataclasses.replace(
+                                       _MASK_RCNN_TRAIN, sampler=RandomSampler(num=128, pos_fraction=0.25))),)),
             preprocess=dataclasses.replace(DETECTION_PREPROCESS, input_size=(320, 320)),
         ),
         build=build_detector,

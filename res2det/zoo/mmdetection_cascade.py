@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import re
 
-from ..models.detectors.cascade_detector import (HTC_TRAIN, CascadeDetectorConfig, CascadeRoIHeadConfig,
-                                                 build_cascade_detector)
+import dataclasses
+
+from ..models.detectors import (CASCADE_ROI_HEAD, CASCADE_RPN, HTC_STAGES, DetectorConfig, HTCConfig,
+                                build_detector)
 from ..models.heads import RCNNTestConfig
 from .mmdetection import _MMDET_RULES, _R2_101, _detect, COCO_CLASSES, MMDET_TRAIN_MEMORY_GB, MMDET_URL
 from .registry import ModelSpec, PublishedWeights, StateDict, register, rename_by_rules
@@ -28,14 +30,15 @@ def mmdet_cascade_to_res2det(state: StateDict) -> StateDict:
 
 
 _ROWS = [
-    ("cascade_rcnn_r2_101_fpn_20e_coco", "detection", CascadeRoIHeadConfig(),
+    ("cascade_rcnn_r2_101_fpn_20e_coco", "detection", CASCADE_ROI_HEAD,
      "cascade_rcnn_r2_101_fpn_20e_coco-f4b7b7db.pth", {"box_ap": 45.7}, "Cascade R-CNN"),
-    ("cascade_mask_rcnn_r2_101_fpn_20e_coco", "instance_segmentation", CascadeRoIHeadConfig(with_mask=True),
+    ("cascade_mask_rcnn_r2_101_fpn_20e_coco", "instance_segmentation",
+     dataclasses.replace(CASCADE_ROI_HEAD, with_mask=True),
      "cascade_mask_rcnn_r2_101_fpn_20e_coco-8a7b41e1.pth", {"box_ap": 46.4, "mask_ap": 40.0}, "Cascade Mask R-CNN"),
     # htc_r50_fpn_1x_coco: interleaved, mask information flow, the semantic branch; test score_thr 0.001
     ("htc_r2_101_fpn_20e_coco", "instance_segmentation",
-     CascadeRoIHeadConfig(with_mask=True, htc=True, with_semantic=True, stage_train=HTC_TRAIN,
-                          rcnn_test=RCNNTestConfig(score_thr=0.001)),
+     dataclasses.replace(CASCADE_ROI_HEAD, with_mask=True, htc=HTCConfig(), stages=HTC_STAGES,
+                         rcnn_test=RCNNTestConfig(score_thr=0.001)),
      "htc_r2_101_fpn_20e_coco-3a8d2112.pth", {"box_ap": 47.5, "mask_ap": 41.6}, "Hybrid Task Cascade"),
 ]
 
@@ -44,8 +47,8 @@ for _name, _task, _head, _file, _metrics, _what in _ROWS:
         ModelSpec(
             name=_name,
             task=_task,
-            config=CascadeDetectorConfig(backbone=_R2_101, roi_head=_head, class_names=COCO_CLASSES),
-            build=build_cascade_detector,
+            config=DetectorConfig(backbone=_R2_101, rpn=CASCADE_RPN, roi_head=_head, class_names=COCO_CLASSES),
+            build=build_detector,
             key_maps={"mmdet": mmdet_cascade_to_res2det},
             detect_format=_detect,
             weights=(PublishedWeights("mmdet", f"{MMDET_URL}{_name}/{_file}", dict(_metrics),

@@ -1,5 +1,5 @@
-"""ONNX export, fast checks: the graph's NMS / RoIAlign / mask pasting against res2det's PyTorch ops (eagerly
-and in ONNX Runtime), a small Mask R-CNN exported with dynamic and fixed input sizes against ``predict``, the
+"""ONNX export, fast checks: the traceable NMS / RoIAlign the heads switch to while exporting against
+res2det's PyTorch ops (eagerly and in ONNX Runtime), a small Mask R-CNN exported with dynamic and fixed input sizes against ``predict``, the
 ``res2det export`` / ``res2det infer --onnx`` commands and their one-line errors. The five R2-101 zoo
 detectors are in test_onnx_models.py."""
 from __future__ import annotations
@@ -20,10 +20,9 @@ ort = pytest.importorskip("onnxruntime")
 import res2det  # noqa: E402
 from res2det.checkpoint import save_weights  # noqa: E402
 from res2det.cli.main import main  # noqa: E402
-from res2det.deploy import OnnxDetector, export_onnx, graph_inputs  # noqa: E402
-from res2det.deploy.graph import _grouped_nms, _ranks, paste_masks  # noqa: E402
-from res2det.deploy.onnx_ops import OPSET, register_symbolics, roi_align as onnx_roi_align  # noqa: E402
-from res2det.models.heads import paste_masks as library_paste_masks  # noqa: E402
+from res2det.deploy import OnnxDetector, export_onnx  # noqa: E402
+from res2det.images import detection_input, pad_batch  # noqa: E402
+from res2det.ops.onnx_ops import OPSET, batched_nms_graph, register_symbolics, roi_align as onnx_roi_align  # noqa: E402
 from res2det.models.heads.post_processing import SPLIT_THR, batched_nms  # noqa: E402
 from res2det.ops import box_iou, roi_align  # noqa: E402
 
@@ -123,39 +122,33 @@ def _random_boxes(n: int, generator: torch.Generator, extent: float = 200.0) -> 
     return torch.cat([xy, xy + torch.rand(n, 2, generator=generator) * 60 + 0.5], dim=1)
 
 
-class _GroupedNMS(nn.Module):
-    """The graph's class-aware NMS on candidate boxes, as ``post_processing.batched_nms`` takes them."""
-
-    def __init__(self, num_groups: int, max_num: int):
-        super().__init__()
-        self.num_groups, self.max_num = num_groups, max_num
+class _BatchedNMS(nn.Module):
+    """The heads' class-aware NMS (``post_processing.batched_nms``), which takes ``batched_nms_graph`` while
+    exporting."""
 
     def forward(self, boxes, scores, groups):
-        ranks = _ranks(scores)
-        ids = torch.arange(self.num_groups)
-        group_ranks = torch.where(groups[None] == ids[:, None], ranks[None], torch.zeros_like(ranks)[None])
-        _, keep = _grouped_nms(boxes[None].expand(self.num_groups, -1, -1), group_ranks, boxes, 0.5, self.max_num)
-        return keep
+        return batched_nms(boxes, scores, groups, 0.5, 300)
 
 
 @pytest.mark.parametrize("n, ties", [(600, True), (SPLIT_THR + 200, False)])
-def test_grouped_nms_matches_batched_nms(n, ties):
-    """Both of mmcv's paths (coordinate offsets below SPLIT_THR boxes, per-class NMS above), in PyTorch and in
-    ONNX Runtime; equal scores (first case) are taken in index order as PyTorch's stable sort does."""
+def test_graph_nms_matches_batched_nms(n, ties):
+    """Both of mmcv's paths (coordinate offsets below SPLIT_THR boxes, per-class NMS above), the traceable
+    variant run eagerly and in ONNX Runtime; equal scores (first case) are taken in index order as PyTorch's
+    stable sort does."""
     g = torch.Generator().manual_seed(n)
     boxes = _random_boxes(n, g)
     scores = torch.rand(n, generator=g)
     if ties:
         scores = (scores * 20).round() / 20  # many exact ties
     groups = torch.randint(0, 3, (n,), generator=g)
-    expected = batched_nms(boxes, scores, groups, 0.5)[:300]
-    module = _GroupedNMS(3, 300)
-    assert torch.equal(module(boxes, scores, groups), expected)
+    expected = batched_nms(boxes, scores, groups, 0.5, 300)
+    assert torch.equal(batched_nms_graph(boxes, scores, groups, 0.5, 300, SPLIT_THR), expected)
     half = n // 2  # another number of boxes through the same graph
-    (got_full,), (got_half,) = run_onnx(module, (boxes, scores, groups), {"in0": {0: "n"}, "in1": {0: "n"}, "in2": {0: "n"}},
+    (got_full,), (got_half,) = run_onnx(_BatchedNMS(), (boxes, scores, groups),
+                                        {"in0": {0: "n"}, "in1": {0: "n"}, "in2": {0: "n"}},
                                         [(boxes, scores, groups), (boxes[:half], scores[:half], groups[:half])])
     np.testing.assert_array_equal(got_full, expected.numpy())
-    np.testing.assert_array_equal(got_half, batched_nms(boxes[:half], scores[:half], groups[:half], 0.5)[:300].numpy())
+    np.testing.assert_array_equal(got_half, batched_nms(boxes[:half], scores[:half], groups[:half], 0.5, 300).numpy())
 
 
 class _RoIAlign(nn.Module):
@@ -175,30 +168,6 @@ def test_roi_align_matches_onnxruntime():
     np.testing.assert_allclose(got, expected.numpy(), rtol=0, atol=1e-5)
     small = roi_align(feats[..., :20, :25].contiguous(), torch.cat([torch.zeros(50, 1), boxes[:50]], 1), 7, 0.25, 0, True)
     np.testing.assert_allclose(got_small, small.numpy(), rtol=0, atol=1e-5)
-
-
-class _Paste(nn.Module):
-    def forward(self, probs, boxes, size):
-        return paste_masks(probs, boxes, size, 0.5)
-
-
-def test_paste_masks_matches_library():
-    """The graph's separable pasting against mmdet's per-box grid_sample pasting (``heads.paste_masks``),
-    boxes inside, across the image border, sub-pixel and zero-width; in PyTorch and in ONNX Runtime."""
-    g = torch.Generator().manual_seed(0)
-    probs = torch.rand(12, 28, 28, generator=g)
-    boxes = _random_boxes(12, g, extent=90.0) - 15
-    boxes[0] = torch.tensor([10.3, 20.7, 10.3, 40.0])  # zero width: mmdet samples the centre column
-    boxes[1] = torch.tensor([50.2, 50.6, 50.9, 51.1])  # smaller than a pixel
-    for (h, w) in ((96, 120), (61, 77)):
-        expected = library_paste_masks(probs, boxes, (h, w), 0.5)
-        got = paste_masks(probs, boxes, torch.tensor([h, w]), 0.5)
-        assert got.shape == expected.shape and (got != expected).sum() <= 2  # fp rounding at exactly 0.5
-    (a,), (b,) = run_onnx(_Paste(), (probs, boxes, torch.tensor([96, 120])), {"in0": {0: "k"}, "in1": {0: "k"}},
-                          [(probs, boxes, np.array([96, 120])), (probs[:5], boxes[:5], np.array([61, 77]))])
-    assert (torch.from_numpy(a) != library_paste_masks(probs, boxes, (96, 120), 0.5)).sum() <= 2
-    assert (torch.from_numpy(b) != library_paste_masks(probs[:5], boxes[:5], (61, 77), 0.5)).sum() <= 2
-    assert a.sum() > 1000  # the masks are not empty
 
 
 # ------------------------------------------------------------------------------------------ small detector
@@ -228,13 +197,11 @@ def test_fixed_size_graph_matches_detect(tiny_model, tmp_path):
     # portrait to 240x320, which is too high: 192x256 instead
     for photo, size in ((PHOTO, [209, 320]), (OTHER_PHOTO, [256, 192])):
         rgb = to_rgb_uint8(str(photo))
-        inputs = graph_inputs(rgb, detector.info)
-        h, w = inputs["image_size"].tolist()
-        assert inputs["image"].shape == (1, 3, 256, 320) and [h, w] == size
+        x, scale = detection_input(rgb, tiny_model.preprocess, fit=(256, 320))
+        assert list(x.shape[-2:]) == size
         with torch.no_grad():
-            r = tiny_model.detect(torch.from_numpy(inputs["image"]), [(h, w)], paste_masks=False)[0]
-        boxes, scores, labels, masks = tiny_model.postprocess(
-            r, scale_factor=inputs["scale_factor"].tolist(), orig_size=rgb.shape[:2])
+            r = tiny_model.detect(pad_batch([x], size=(256, 320)), [tuple(size)], paste_masks=False)[0]
+        boxes, scores, labels, masks = tiny_model.postprocess(r, scale_factor=scale, orig_size=rgb.shape[:2])
         ref = res2det.Detections(boxes=boxes, scores=scores, labels=labels, categories=[str(i) for i in labels.tolist()],
                                  masks=masks, width=rgb.shape[1], height=rgb.shape[0])
         (got,) = detector.predict(rgb)

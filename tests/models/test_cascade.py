@@ -12,9 +12,9 @@ import res2det
 from res2det.errors import CheckpointError
 from res2det.models.losses import total_loss
 from res2det.models.backbones import BackboneConfig
-from res2det.models.detectors import FPNConfig
-from res2det.models.detectors.cascade_detector import (CASCADE_TRAIN, CascadeDetector, CascadeDetectorConfig,
-                                              CascadeRoIHeadConfig, build_cascade_detector)
+from res2det.models.detectors import (CASCADE_ROI_HEAD, CASCADE_RPN, CASCADE_STAGES, DetectorConfig, FPNConfig,
+                                     HTCConfig, build_detector)
+from res2det.models.heads.cascade_roi_head import CascadeRoIHead
 from res2det.models.heads import ProposalConfig, RandomSampler
 from res2det.zoo import get_spec
 from res2det.zoo.mmdetection_cascade import mmdet_cascade_to_res2det
@@ -23,21 +23,22 @@ from conftest import REFERENCE
 from test_det_parity import run_parity
 
 NAMES = ("cascade_rcnn_r2_101_fpn_20e_coco", "cascade_mask_rcnn_r2_101_fpn_20e_coco", "htc_r2_101_fpn_20e_coco")
-_RPN = CascadeDetectorConfig().rpn
-_SMALL_TRAIN = tuple(dataclasses.replace(c, sampler=RandomSampler(num=64, pos_fraction=0.25)) for c in CASCADE_TRAIN)
+_RPN = CASCADE_RPN
+_SMALL_STAGES = tuple(dataclasses.replace(s, train=dataclasses.replace(
+    s.train, sampler=RandomSampler(num=64, pos_fraction=0.25))) for s in CASCADE_STAGES)
 
 
 def tiny_config(with_mask=True, htc=False, with_semantic=False):
-    return CascadeDetectorConfig(
+    return DetectorConfig(
         backbone=BackboneConfig(depth=50, base_width=8, stem="deep", shortcut="avg", stage_block="mmdet",
                                 frozen_stages=1, norm_eval=True),
         neck=FPNConfig(out_channels=32),
         rpn=dataclasses.replace(_RPN, feat_channels=32, test_proposals=ProposalConfig(nms_pre=300, max_per_img=100),
                                 rpn_train=dataclasses.replace(_RPN.rpn_train, proposals=ProposalConfig(
                                     nms_pre=300, max_per_img=200))),  # fewer rois: fast tests
-        roi_head=CascadeRoIHeadConfig(num_classes=5, fc_channels=64, with_mask=with_mask, mask_channels=16,
-                                      stage_train=_SMALL_TRAIN, htc=htc, with_semantic=with_semantic,
-                                      semantic_num_classes=7),
+        roi_head=dataclasses.replace(
+            CASCADE_ROI_HEAD, num_classes=5, fc_channels=64, with_mask=with_mask, mask_channels=16,
+            stages=_SMALL_STAGES, htc=HTCConfig(with_semantic=with_semantic, semantic_num_classes=7) if htc else None),
     )
 
 
@@ -64,8 +65,8 @@ def _targets(semantic=False):
 def test_training_step_losses_backpropagate(kind):
     torch.manual_seed(0)
     cfg = tiny_config(with_mask=kind != "cascade", htc=kind.startswith("htc"), with_semantic=kind == "htc_semantic")
-    model = build_cascade_detector(cfg).train()
-    assert isinstance(model, CascadeDetector)
+    model = build_detector(cfg).train()
+    assert isinstance(model.roi_head, CascadeRoIHead)
     losses = model(torch.randn(2, 3, 96, 128), _targets(semantic=kind == "htc_semantic"))
     expected = {"loss_rpn_cls", "loss_rpn_bbox"} | {f"s{s}.{k}" for s in range(3)
                                                     for k in ("loss_cls", "acc", "loss_bbox")}
@@ -91,7 +92,7 @@ def test_training_step_losses_backpropagate(kind):
 
 
 def test_stage_loss_weights_and_smooth_l1():
-    model = build_cascade_detector(tiny_config(with_mask=False))
+    model = build_detector(tiny_config(with_mask=False))
     assert model.roi_head.stage_loss_weights == (1.0, 0.5, 0.25)
     assert [h.bbox_coder.stds for h in model.roi_head.bbox_head] == [
         (0.1, 0.1, 0.2, 0.2), (0.05, 0.05, 0.1, 0.1), (0.033, 0.033, 0.067, 0.067)]
@@ -105,18 +106,16 @@ def test_stage_loss_weights_and_smooth_l1():
 
 
 def test_htc_semantic_needs_label_maps():
-    model = build_cascade_detector(tiny_config(htc=True, with_semantic=True)).train()
+    model = build_detector(tiny_config(htc=True, with_semantic=True)).train()
     with pytest.raises(ValueError, match="semantic"):
         model(torch.randn(2, 3, 96, 128), _targets(semantic=False))
-    with pytest.raises(ValueError, match="with_semantic needs htc"):
-        build_cascade_detector(tiny_config(with_semantic=True))
 
 
 @pytest.mark.parametrize("kind", ["cascade", "cascade_mask", "htc_semantic"])
 def test_inference_outputs(kind):
     torch.manual_seed(0)
     htc = kind.startswith("htc")
-    model = build_cascade_detector(tiny_config(with_mask=kind != "cascade", htc=htc, with_semantic=htc)).eval()
+    model = build_detector(tiny_config(with_mask=kind != "cascade", htc=htc, with_semantic=htc)).eval()
     model.roi_head.test_cfg = dataclasses.replace(model.roi_head.test_cfg, score_thr=0.0)
     with torch.no_grad():
         results = model(torch.randn(2, 3, 96, 128), [(90, 128), (96, 100)])
@@ -190,7 +189,7 @@ def test_predict_user_api():
     from res2det.structures import Preprocess
 
     torch.manual_seed(0)
-    model = build_cascade_detector(tiny_config(with_mask=True, htc=True, with_semantic=True))
+    model = build_detector(tiny_config(with_mask=True, htc=True, with_semantic=True))
     model.roi_head.test_cfg = dataclasses.replace(model.roi_head.test_cfg, score_thr=0.0)
     model.preprocess = Preprocess(input_size=(64, 96), crop_pct=None)  # keep the resized input small
     rgb = np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)

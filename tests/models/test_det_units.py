@@ -12,7 +12,7 @@ import torch
 import res2det
 from res2det.errors import CheckpointError
 from res2det.models.backbones import BackboneConfig
-from res2det.models.detectors import DetectorConfig, FPNConfig, RoIHeadConfig, RPNConfig, build_detector
+from res2det.models.detectors import DetectorConfig, FPNConfig, RoIHeadConfig, RPNConfig, StageConfig, build_detector
 from res2det.models.heads import (AnchorGenerator, DeltaXYWHBBoxCoder, MaxIoUAssigner, RandomSampler,
                                   multiclass_nms, paste_masks)
 from res2det.models.heads.roi_head import RCNNTrainConfig
@@ -129,7 +129,7 @@ def test_zoo_rows(name):
     assert pw.metrics["box_ap"] in (43.0, 43.6)
     assert spec.config.roi_head.with_mask == name.startswith("mask")
     # as in mmdet's base configs: only Mask R-CNN lets gts claim low-quality R-CNN matches
-    assert spec.config.roi_head.rcnn_train.assigner.match_low_quality == name.startswith("mask")
+    assert spec.config.roi_head.stages[0].train.assigner.match_low_quality == name.startswith("mask")
     assert name in res2det.list_models(spec.task)
 
 
@@ -197,7 +197,7 @@ def tiny_config(with_mask=True):
         neck=FPNConfig(out_channels=32),
         rpn=RPNConfig(feat_channels=32),
         roi_head=RoIHeadConfig(num_classes=5, fc_channels=64, with_mask=with_mask, mask_channels=16,
-                               rcnn_train=RCNNTrainConfig(sampler=RandomSampler(num=64, pos_fraction=0.25))),
+                               stages=(StageConfig(train=RCNNTrainConfig(sampler=RandomSampler(num=64, pos_fraction=0.25))),)),
     )
 
 

@@ -49,6 +49,14 @@ class DeltaXYWHBBoxCoder:
         gwh = pwh * d[:, 2:].clamp(min=-self.max_ratio, max=self.max_ratio).exp()
         out = torch.cat([gxy - gwh * 0.5, gxy + gwh * 0.5], dim=-1)
         if self.clip_border and max_shape is not None:
-            out[:, 0::2].clamp_(min=0, max=max_shape[1])
-            out[:, 1::2].clamp_(min=0, max=max_shape[0])
+            out = clip_boxes(out, max_shape)
         return out.reshape(n, -1)
+
+
+def clip_boxes(boxes: Tensor, size: Sequence) -> Tensor:
+    """xyxy ``boxes [..., 4]`` clamped into ``[0, w] x [0, h]`` for ``size = (h, w)``: ints, or 0-d tensors
+    (an exported graph's image size is an input, not a constant)."""
+    h, w = size
+    x1, y1, x2, y2 = boxes.unbind(dim=-1)
+    return torch.stack([x1.clamp(min=0, max=w), y1.clamp(min=0, max=h), x2.clamp(min=0, max=w),
+                        y2.clamp(min=0, max=h)], dim=-1)

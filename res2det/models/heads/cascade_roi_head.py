@@ -14,15 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...ops import MultiLevelRoIAlign
 from .bbox_head import Shared2FCBBoxHead
-from .mask_head import FCNMaskHead, paste_masks
+from .mask_head import FCNMaskHead
 from .post_processing import multiclass_nms
-from .roi_head import RCNNTestConfig, RCNNTrainConfig, _spans, boxes_to_rois
+from .roi_head import RCNNTrainConfig, RoIHead, _spans, boxes_to_rois
 from .targets import SamplingResult, assign_and_sample
 
 
-class CascadeRoIHead(nn.Module):
+class CascadeRoIHead(RoIHead):
     """``bbox_head`` / ``mask_head`` are ``nn.ModuleList``s, one head per stage (mmdet's state-dict names
     ``roi_head.bbox_head.<s>.*``). ``train_cfgs`` holds one ``RCNNTrainConfig`` per stage.
 
@@ -31,35 +30,21 @@ class CascadeRoIHead(nn.Module):
 
     def __init__(self, *, bbox_heads: Sequence[Shared2FCBBoxHead], mask_heads: Sequence[FCNMaskHead] | None = None,
                  stage_loss_weights: Sequence[float] = (1.0, 0.5, 0.25),
-                 featmap_strides: Sequence[int] = (4, 8, 16, 32), roi_size: int = 7, mask_roi_size: int = 14,
-                 finest_scale: int = 56, test_cfg: RCNNTestConfig | None = None,
-                 train_cfgs: Sequence[RCNNTrainConfig] | None = None):
-        super().__init__()
+                 train_cfgs: Sequence[RCNNTrainConfig] | None = None, **common):
+        # RoIAlign has no parameters: one extractor serves every stage (mmdet builds one per stage).
+        super().__init__(with_mask=mask_heads is not None, **common)
         self.num_stages = len(bbox_heads)
         if len(stage_loss_weights) != self.num_stages:
             raise ValueError(f"{len(stage_loss_weights)} stage loss weights for {self.num_stages} stages")
         if mask_heads is not None and len(mask_heads) != self.num_stages:
             raise ValueError(f"{len(mask_heads)} mask heads for {self.num_stages} stages")
         self.stage_loss_weights = tuple(float(w) for w in stage_loss_weights)
-        # RoIAlign has no parameters: one extractor serves every stage (mmdet builds one per stage).
-        self.bbox_roi_extractor = MultiLevelRoIAlign(output_size=roi_size, featmap_strides=featmap_strides,
-                                                     sampling_ratio=0, aligned=True, finest_scale=finest_scale)
         self.bbox_head = nn.ModuleList(bbox_heads)
-        self.mask_roi_extractor = None
-        self.mask_head = None
-        if mask_heads is not None:
-            self.mask_roi_extractor = MultiLevelRoIAlign(output_size=mask_roi_size, featmap_strides=featmap_strides,
-                                                         sampling_ratio=0, aligned=True, finest_scale=finest_scale)
-            self.mask_head = nn.ModuleList(mask_heads)
-        self.test_cfg = test_cfg or RCNNTestConfig()
+        self.mask_head = None if mask_heads is None else nn.ModuleList(mask_heads)
         train_cfgs = tuple(train_cfgs) if train_cfgs is not None else (RCNNTrainConfig(),) * self.num_stages
         if len(train_cfgs) != self.num_stages:
             raise ValueError(f"{len(train_cfgs)} train configs for {self.num_stages} stages")
         self.train_cfgs = train_cfgs
-
-    @property
-    def with_mask(self) -> bool:
-        return self.mask_head is not None
 
     @property
     def train_cfg(self) -> RCNNTrainConfig:
@@ -133,20 +118,13 @@ class CascadeRoIHead(nn.Module):
         return preds
 
     def _predict_masks(self, feats, results, image_sizes, semantic, capture, paste) -> None:
-        boxes = [r["boxes"] for r in results]
-        rois = boxes_to_rois(boxes)
+        rois = boxes_to_rois([r["boxes"] for r in results])
         preds = self._mask_probs(feats, rois, semantic, capture)
-        probs = self._merge_mask_probs(preds)
-        for i, (r, (s, e), size) in enumerate(zip(results, _spans(boxes), image_sizes)):
-            idx = torch.arange(e - s, device=rois.device)
-            if capture is not None and len(results) == 1:
-                for stage, p in enumerate(preds):
-                    capture[f"det.mask_logits.{stage}"] = p[s:e][idx, r["labels"]]
-            prob = probs[s:e][idx, r["labels"]]
-            if paste:
-                r["masks"] = paste_masks(prob, r["boxes"], size, self.test_cfg.mask_thr_binary)
-            else:
-                r["mask_probs"] = prob
+        if capture is not None and len(results) == 1:
+            labels = results[0]["labels"]
+            for stage, p in enumerate(preds):
+                capture[f"det.mask_logits.{stage}"] = p[torch.arange(labels.shape[0], device=p.device), labels]
+        self._store_masks(results, self._merge_mask_probs(preds), image_sizes, paste)
 
     def _merge_mask_probs(self, preds: Sequence[Tensor]) -> Tensor:
         """Cascade Mask R-CNN: the mean of the stages' sigmoid maps (mmdet's ``merge_aug_masks``)."""
@@ -216,11 +194,7 @@ class CascadeRoIHead(nn.Module):
                    semantic: Tensor | None) -> Tensor:
         pos_rois = boxes_to_rois([s.pos_boxes for s in samples])
         mask_pred = self._mask_forward_train(stage, feats, pos_rois, semantic)
-        head = self.mask_head[stage]
-        targets = torch.cat([head.targets(s.pos_boxes, s.pos_gt_inds, m.to(s.pos_boxes.device), cfg.mask_size)
-                             for s, m in zip(samples, gt_masks)])
-        labels = torch.cat([s.pos_gt_labels for s in samples])
-        return head.loss(mask_pred, targets, labels)
+        return self._mask_head_loss(self.mask_head[stage], mask_pred, samples, gt_masks, cfg.mask_size)
 
     def _mask_forward_train(self, stage: int, feats, rois: Tensor, semantic: Tensor | None) -> Tensor:
         return self.mask_head[stage](self.mask_roi_extractor(feats, rois))

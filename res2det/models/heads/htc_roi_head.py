@@ -135,15 +135,17 @@ class HybridTaskCascadeRoIHead(CascadeRoIHead):
         return semantic_feat
 
     def _fuse(self, roi_feats: Tensor, rois: Tensor, semantic: Tensor | None,
-              capture: dict[str, Tensor] | None) -> Tensor:
+              capture: dict[str, Tensor] | None, out_size: int) -> Tensor:
         if semantic is None:
             return roi_feats
         sem = self.semantic_roi_extractor([semantic], rois)
         if capture is not None:
             capture[f"roi_head.semantic_roi_extractor.call{self._semantic_calls}.rois"] = rois
         self._semantic_calls += 1
-        if sem.shape[-2:] != roi_feats.shape[-2:]:
-            sem = F.adaptive_avg_pool2d(sem, roi_feats.shape[-2:])
+        size = self.semantic_roi_extractor.output_size
+        if size != out_size:  # 14x14 -> 7x7 for the box heads: mmdet's adaptive pooling, which between sizes
+            # that divide is plain average pooling (the same floats; and it exports to ONNX)
+            sem = F.avg_pool2d(sem, size // out_size) if size % out_size == 0 else F.adaptive_avg_pool2d(sem, out_size)
         return roi_feats + sem
 
     def semantic_loss(self, feats: Sequence[Tensor], targets: Sequence[Mapping[str, Tensor]],
@@ -167,7 +169,8 @@ class HybridTaskCascadeRoIHead(CascadeRoIHead):
 
     # ------------------------------------------------------------------------------------------- box
     def _bbox_forward(self, stage, feats, rois, semantic, capture=None):
-        x = self._fuse(self.bbox_roi_extractor(feats, rois), rois, semantic, capture)
+        x = self._fuse(self.bbox_roi_extractor(feats, rois), rois, semantic, capture,
+                       self.bbox_roi_extractor.output_size)
         return self.bbox_head[stage](x)
 
     # ------------------------------------------------------------------------------------------ mask
@@ -176,7 +179,7 @@ class HybridTaskCascadeRoIHead(CascadeRoIHead):
         x = self.mask_roi_extractor(feats, rois)
         if capture is not None:
             capture[f"roi_head.mask_roi_extractor.{self.num_stages - 1}.call0.rois"] = rois
-        x = self._fuse(x, rois, semantic, capture)
+        x = self._fuse(x, rois, semantic, capture, self.mask_roi_extractor.output_size)
         preds, last = [], None
         for stage in range(self.num_stages):
             if self.mask_info_flow:
@@ -196,7 +199,8 @@ class HybridTaskCascadeRoIHead(CascadeRoIHead):
         return preds[-1].sigmoid()
 
     def _mask_forward_train(self, stage, feats, rois, semantic) -> Tensor:
-        x = self._fuse(self.mask_roi_extractor(feats, rois), rois, semantic, None)
+        x = self._fuse(self.mask_roi_extractor(feats, rois), rois, semantic, None,
+                       self.mask_roi_extractor.output_size)
         last = None
         if self.mask_info_flow:
             for i in range(stage):
@@ -205,24 +209,25 @@ class HybridTaskCascadeRoIHead(CascadeRoIHead):
 
 
 def build_htc_roi_head(h: Any, in_channels: int, bbox_heads, *, num_ins: int = 5, **common) -> HybridTaskCascadeRoIHead:
-    """The HTC RoI head from a ``CascadeRoIHeadConfig`` (``htc=True``)."""
+    """The HTC RoI head from a ``RoIHeadConfig`` whose ``htc`` is set."""
     if not h.with_mask:
         raise ValueError("HTC needs with_mask=True")
+    t = h.htc
     n = len(bbox_heads)
-    mask_heads = [HTCMaskHead(with_conv_res=h.mask_info_flow and s > 0, in_channels=in_channels,
+    mask_heads = [HTCMaskHead(with_conv_res=t.mask_info_flow and s > 0, in_channels=in_channels,
                               conv_channels=h.mask_channels, num_convs=h.mask_num_convs, num_classes=h.num_classes)
                   for s in range(n)]
     semantic = None
-    stride = h.featmap_strides[h.semantic_fusion_level]
-    if h.with_semantic:
-        semantic = FusedSemanticHead(num_ins=num_ins, fusion_level=h.semantic_fusion_level,
-                                     num_convs=h.semantic_num_convs, in_channels=in_channels,
-                                     conv_channels=in_channels, num_classes=h.semantic_num_classes,
-                                     ignore_index=h.semantic_ignore_index, loss_weight=h.semantic_loss_weight,
+    stride = h.featmap_strides[t.semantic_fusion_level]
+    if t.with_semantic:
+        semantic = FusedSemanticHead(num_ins=num_ins, fusion_level=t.semantic_fusion_level,
+                                     num_convs=t.semantic_num_convs, in_channels=in_channels,
+                                     conv_channels=in_channels, num_classes=t.semantic_num_classes,
+                                     ignore_index=t.semantic_ignore_index, loss_weight=t.semantic_loss_weight,
                                      stride=stride)
     return HybridTaskCascadeRoIHead(bbox_heads=bbox_heads, mask_heads=mask_heads, semantic_head=semantic,
-                                    semantic_roi_size=h.semantic_roi_size, semantic_stride=stride,
-                                    interleaved=h.interleaved, mask_info_flow=h.mask_info_flow, **common)
+                                    semantic_roi_size=t.semantic_roi_size, semantic_stride=stride,
+                                    interleaved=t.interleaved, mask_info_flow=t.mask_info_flow, **common)
 
 
 __all__ = ["HTCMaskHead", "FusedSemanticHead", "HybridTaskCascadeRoIHead", "build_htc_roi_head"]

@@ -25,6 +25,7 @@ from torch import Tensor
 from ... import ops
 from .anchors import AnchorGenerator
 from .bbox_head import Shared2FCBBoxHead
+from .box_coder import clip_boxes
 from .roi_head import StandardRoIHead
 from .rpn_head import ProposalConfig, RPNHead
 
@@ -66,12 +67,6 @@ def paddle_delta2bbox(boxes: Tensor, deltas: Tensor, weights: Sequence[float]) -
     pred_h = torch.exp(dh) * heights[:, None]
     return torch.stack([pred_ctr_x - 0.5 * pred_w, pred_ctr_y - 0.5 * pred_h,
                         pred_ctr_x + 0.5 * pred_w, pred_ctr_y + 0.5 * pred_h], dim=-1)
-
-
-def clip_boxes(boxes: Tensor, image_size: Sequence[int]) -> Tensor:
-    h, w = float(image_size[0]), float(image_size[1])
-    return torch.stack([boxes[..., 0].clamp(0, w), boxes[..., 1].clamp(0, h),
-                        boxes[..., 2].clamp(0, w), boxes[..., 3].clamp(0, h)], dim=-1)
 
 
 class PaddleRPNHead(RPNHead):
@@ -159,16 +154,8 @@ class PaddleRoIHead(StandardRoIHead):
     clipped boxes (``paste_clipped_boxes``), as Paddle's ``MaskPostProcess`` does at the original size."""
 
     paste_clipped_boxes = True
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        for name in ("bbox_roi_extractor", "mask_roi_extractor"):
-            ex = getattr(self, name)
-            if ex is not None:
-                setattr(self, name, ops.MultiLevelRoIAlign(
-                    output_size=ex.output_size, featmap_strides=ex.featmap_strides, sampling_ratio=ex.sampling_ratio,
-                    aligned=ex.aligned, level_mapping="paddle"))
+    level_mapping = "paddle"
 
 
 __all__ = ["PaddleAnchorGenerator", "PaddleRPNHead", "PaddleBBoxHead", "PaddleRoIHead", "paddle_delta2bbox",
-           "paddle_multiclass_nms", "clip_boxes"]
+           "paddle_multiclass_nms"]

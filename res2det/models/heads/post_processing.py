@@ -5,22 +5,29 @@ import torch
 from torch import Tensor
 
 from ... import ops
+from ...ops import onnx_ops
+from ...ops.onnx_ops import exporting
 
 # mmcv runs one NMS over class-offset boxes below this many boxes, and a per-class loop above it.
 SPLIT_THR = 10000
 
 
-def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
-    """Class-aware NMS -> kept indices by decreasing score, taking mmcv's two code paths (the offset trick
-    rounds large coordinates, so the paths can differ in the last bit; matching them keeps parity)."""
+def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float, max_num: int = -1) -> Tensor:
+    """Class-aware NMS -> kept indices by decreasing score (at most ``max_num``; all for ``max_num <= 0``),
+    taking mmcv's two code paths (the offset trick rounds large coordinates, so the paths can differ in the
+    last bit; matching them keeps parity). While exporting to ONNX: the same rule with NonMaxSuppression."""
+    if exporting():
+        return onnx_ops.batched_nms_graph(boxes, scores, idxs, iou_threshold, max_num, SPLIT_THR)
     if boxes.shape[0] < SPLIT_THR:
-        return ops.batched_nms(boxes, scores, idxs, iou_threshold)
-    keep = torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
-    for c in torch.unique(idxs):
-        inds = torch.nonzero(idxs == c).flatten()
-        keep[inds[ops.nms(boxes[inds], scores[inds], iou_threshold)]] = True
-    keep = torch.nonzero(keep).flatten()
-    return keep[scores[keep].sort(descending=True).indices]
+        keep = ops.batched_nms(boxes, scores, idxs, iou_threshold)
+    else:
+        kept = torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
+        for c in torch.unique(idxs):
+            inds = torch.nonzero(idxs == c).flatten()
+            kept[inds[ops.nms(boxes[inds], scores[inds], iou_threshold)]] = True
+        keep = torch.nonzero(kept).flatten()
+        keep = keep[scores[keep].sort(descending=True).indices]
+    return keep[:max_num] if max_num > 0 else keep
 
 
 def multiclass_nms(boxes: Tensor, scores: Tensor, *, score_thr: float, iou_threshold: float,
@@ -32,7 +39,7 @@ def multiclass_nms(boxes: Tensor, scores: Tensor, *, score_thr: float, iou_thres
     labels ``[K]``, row index into the N inputs ``[K]``), by decreasing score, at most ``max_num``.
     """
     n, num_classes = scores.shape[0], scores.shape[1] - 1
-    if boxes.shape[1] > 4:
+    if boxes.shape[1] != 4:  # (a Python int also while tracing: the layout is fixed)
         boxes = boxes.view(n, -1, 4)
     else:
         boxes = boxes[:, None].expand(n, num_classes, 4)
@@ -43,7 +50,5 @@ def multiclass_nms(boxes: Tensor, scores: Tensor, *, score_thr: float, iou_thres
     labels, rows = labels.reshape(-1), rows.reshape(-1)
     valid = torch.nonzero(cls_scores > score_thr).flatten()
     boxes, cls_scores, labels, rows = boxes[valid], cls_scores[valid], labels[valid], rows[valid]
-    keep = batched_nms(boxes, cls_scores, labels, iou_threshold)
-    if max_num > 0:
-        keep = keep[:max_num]
+    keep = batched_nms(boxes, cls_scores, labels, iou_threshold, max_num)
     return boxes[keep], cls_scores[keep], labels[keep], rows[keep]

@@ -35,40 +35,70 @@ def boxes_to_rois(boxes: Sequence[Tensor]) -> Tensor:
     return torch.cat([torch.cat([b.new_full((b.shape[0], 1), float(i)), b[:, :4]], dim=1) for i, b in enumerate(boxes)])
 
 
-class StandardRoIHead(nn.Module):
-    """Box branch on 7x7 RoIAlign features of the proposals; mask branch on 14x14 features of the final
-    detections at test time and of the positive proposals in training. Rois are pooled from P2..P5 by size
-    (mmdet's level rule, ``finest_scale=56``)."""
+class RoIHead(nn.Module):
+    """What every RoI head shares: the RoIAlign extractors of the box and mask branches (P2..P5, a level per roi
+    by ``level_mapping``), the test config, the detections' mask maps, the mask loss, and the capabilities the
+    detector reads (``with_mask``, ``with_semantic``, ``paste_clipped_boxes``)."""
 
-    # ``TwoStageDetector.predict`` pastes masks from the rescaled boxes before clipping them (mmdet); Paddle's
-    # heads clip first.
+    # ``res2det.inference.postprocess`` pastes masks from the rescaled boxes before clipping them (mmdet);
+    # Paddle's heads clip first.
     paste_clipped_boxes = False
+    with_semantic = False  # HTC's semantic branch (its head: ``semantic_loss``)
+    level_mapping = "mmdet"  # how rois pick an FPN level (``ops.MultiLevelRoIAlign``)
 
-    def __init__(self, *, bbox_head: Shared2FCBBoxHead, mask_head: FCNMaskHead | None = None,
-                 featmap_strides: Sequence[int] = (4, 8, 16, 32), roi_size: int = 7, mask_roi_size: int = 14,
-                 finest_scale: int = 56, test_cfg: RCNNTestConfig | None = None,
-                 train_cfg: RCNNTrainConfig | None = None):
+    def __init__(self, *, with_mask: bool, featmap_strides: Sequence[int] = (4, 8, 16, 32), roi_size: int = 7,
+                 mask_roi_size: int = 14, finest_scale: int = 56, test_cfg: RCNNTestConfig | None = None):
         super().__init__()
-        self.bbox_roi_extractor = MultiLevelRoIAlign(output_size=roi_size, featmap_strides=featmap_strides,
-                                                     sampling_ratio=0, aligned=True, finest_scale=finest_scale)
-        self.bbox_head = bbox_head
-        self.mask_roi_extractor = None
-        self.mask_head = mask_head
-        if mask_head is not None:
-            self.mask_roi_extractor = MultiLevelRoIAlign(output_size=mask_roi_size, featmap_strides=featmap_strides,
-                                                         sampling_ratio=0, aligned=True, finest_scale=finest_scale)
+
+        def extractor(size: int) -> MultiLevelRoIAlign:
+            return MultiLevelRoIAlign(output_size=size, featmap_strides=featmap_strides, sampling_ratio=0,
+                                      aligned=True, finest_scale=finest_scale, level_mapping=self.level_mapping)
+
+        self.bbox_roi_extractor = extractor(roi_size)
+        self.mask_roi_extractor = extractor(mask_roi_size) if with_mask else None
         self.test_cfg = test_cfg or RCNNTestConfig()
-        self.train_cfg = train_cfg or RCNNTrainConfig()
 
     @property
     def with_mask(self) -> bool:
-        return self.mask_head is not None
+        return self.mask_roi_extractor is not None
+
+    def _store_masks(self, results: list[dict[str, Tensor]], probs: Tensor, image_sizes: Sequence[tuple[int, int]],
+                     paste: bool) -> None:
+        """Each detection's own class's map of ``probs [K, C, 28, 28]`` (the detections of all images in order):
+        ``mask_probs [k, 28, 28]`` per image or, with ``paste``, ``masks [k, h, w]`` pasted into the input."""
+        for r, (s, e), size in zip(results, _spans([r["boxes"] for r in results]), image_sizes):
+            prob = probs[s:e][torch.arange(e - s, device=probs.device), r["labels"]]
+            if paste:
+                r["masks"] = paste_masks(prob, r["boxes"], size, self.test_cfg.mask_thr_binary)
+            else:
+                r["mask_probs"] = prob
+
+    @staticmethod
+    def _mask_head_loss(mask_head: FCNMaskHead, mask_pred: Tensor, samples: Sequence[SamplingResult],
+                   gt_masks: Sequence[Tensor], mask_size: int) -> Tensor:
+        """The mask head's loss on the positives of ``samples`` (``mask_pred`` their logits, in order)."""
+        targets = torch.cat([mask_head.targets(s.pos_boxes, s.pos_gt_inds, m.to(s.pos_boxes.device), mask_size)
+                             for s, m in zip(samples, gt_masks)])
+        return mask_head.loss(mask_pred, targets, torch.cat([s.pos_gt_labels for s in samples]))
+
+
+class StandardRoIHead(RoIHead):
+    """Faster / Mask R-CNN: the box branch on 7x7 RoIAlign features of the proposals; the mask branch on 14x14
+    features of the final detections at test time and of the positive proposals in training. Rois are pooled
+    from P2..P5 by size (mmdet's level rule, ``finest_scale=56``)."""
+
+    def __init__(self, *, bbox_head: Shared2FCBBoxHead, mask_head: FCNMaskHead | None = None,
+                 train_cfg: RCNNTrainConfig | None = None, **common):
+        super().__init__(with_mask=mask_head is not None, **common)
+        self.bbox_head = bbox_head
+        self.mask_head = mask_head
+        self.train_cfg = train_cfg or RCNNTrainConfig()
 
     def predict(self, feats: Sequence[Tensor], proposals: Sequence[Tensor], image_sizes: Sequence[tuple[int, int]],
                 capture: dict[str, Tensor] | None = None, *, paste: bool = True) -> list[dict[str, Tensor]]:
-        """Per image dict(boxes, scores, labels[, mask_logits, masks]) from per-image proposal boxes ``[K, 4]``.
-        Mask models add the final detections' ``mask_logits [K, 28, 28]`` (their own class's map) and, with
-        ``paste``, the ``masks [K, h, w]`` pasted into the input image."""
+        """Per image dict(boxes, scores, labels[, masks or mask_probs]) from per-image proposal boxes ``[K, 4]``.
+        Mask models add each detection's ``mask_probs [K, 28, 28]`` (its own class's map, after the sigmoid)
+        or, with ``paste``, the ``masks [K, h, w]`` pasted into the input image."""
         cfg = self.test_cfg
         rois = boxes_to_rois(proposals)
         cls_score, bbox_pred = self.bbox_head(self.bbox_roi_extractor(feats, rois))
@@ -83,26 +113,23 @@ class StandardRoIHead(nn.Module):
                 iou_threshold=cfg.iou_threshold, max_per_img=cfg.max_per_img)
             results.append({"boxes": boxes, "scores": scores, "labels": labels})
         if self.with_mask:
-            self._predict_masks(feats, results, image_sizes, capture, paste)
+            rois = boxes_to_rois([r["boxes"] for r in results])
+            mask_pred = self.mask_head(self.mask_roi_extractor(feats, rois))  # empty batches work too
+            if capture is not None:
+                capture["roi_head.mask_roi_extractor.call0.rois"] = rois
+                capture["roi_head.mask_head.call0.mask_pred"] = mask_pred
+                if len(results) == 1:
+                    labels = results[0]["labels"]
+                    capture["det.mask_logits.0"] = mask_pred[torch.arange(labels.shape[0]), labels]
+            self._store_masks(results, mask_pred.sigmoid(), image_sizes, paste)
         return results
 
-    def _predict_masks(self, feats: Sequence[Tensor], results: list[dict[str, Tensor]],
-                       image_sizes: Sequence[tuple[int, int]], capture: dict[str, Tensor] | None,
-                       paste: bool = True) -> None:
-        boxes = [r["boxes"] for r in results]
-        rois = boxes_to_rois(boxes)
-        mask_pred = self.mask_head(self.mask_roi_extractor(feats, rois))  # empty batches work too
-        if capture is not None:
-            capture["roi_head.mask_roi_extractor.call0.rois"] = rois
-            capture["roi_head.mask_head.call0.mask_pred"] = mask_pred
-        for r, (s, e), size in zip(results, _spans(boxes), image_sizes):
-            logits = mask_pred[s:e][torch.arange(e - s, device=rois.device), r["labels"]]
-            r["mask_logits"] = logits
-            if paste:
-                r["masks"] = paste_masks(logits.sigmoid(), r["boxes"], size, self.test_cfg.mask_thr_binary)
-
     def loss(self, feats: Sequence[Tensor], proposals: Sequence[Tensor], gt_boxes: Sequence[Tensor],
-             gt_labels: Sequence[Tensor], gt_masks: Sequence[Tensor] | None = None) -> dict[str, Tensor]:
+             gt_labels: Sequence[Tensor], gt_masks: Sequence[Tensor] | None = None, *,
+             image_sizes: Sequence[tuple[int, int]] | None = None, semantic: Tensor | None = None
+             ) -> dict[str, Tensor]:
+        """``loss_cls``, ``acc``, ``loss_bbox`` (and ``loss_mask``); ``image_sizes`` and ``semantic`` are the
+        cascades' (unused here)."""
         cfg = self.train_cfg
         samples: list[SamplingResult] = [
             assign_and_sample(p, g.to(p.dtype).reshape(-1, 4), l, cfg.assigner, cfg.sampler)
@@ -115,10 +142,7 @@ class StandardRoIHead(nn.Module):
                 raise ValueError("a mask model needs 'masks' in every target")
             pos_rois = boxes_to_rois([s.pos_boxes for s in samples])
             mask_pred = self.mask_head(self.mask_roi_extractor(feats, pos_rois))
-            targets = torch.cat([self.mask_head.targets(s.pos_boxes, s.pos_gt_inds, m, cfg.mask_size)
-                                 for s, m in zip(samples, gt_masks)])
-            labels = torch.cat([s.pos_gt_labels for s in samples])
-            losses["loss_mask"] = self.mask_head.loss(mask_pred, targets, labels)
+            losses["loss_mask"] = self._mask_head_loss(self.mask_head, mask_pred, samples, gt_masks, cfg.mask_size)
         return losses
 
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...ops import at_least_fp32
+from ...ops.onnx_ops import exporting
 from .anchors import AnchorGenerator
 from .bbox_head import l1_loss
 from .box_coder import DeltaXYWHBBoxCoder
@@ -84,8 +85,9 @@ class RPNHead(nn.Module):
             for lvl, (cls, reg, anc) in enumerate(zip(cls_scores, bbox_preds, anchors)):
                 s = cls[b].permute(1, 2, 0).reshape(-1).sigmoid()
                 d = reg[b].permute(1, 2, 0).reshape(-1, 4)
-                if 0 < cfg.nms_pre < s.shape[0]:
-                    # mmdet ranks by a full sort (not topk); same call, same order of ties.
+                if cfg.nms_pre > 0 and (exporting() or cfg.nms_pre < s.shape[0]):
+                    # mmdet ranks by a full sort (not topk); same call, same order of ties. (The exported
+                    # graph always sorts: a slice past the end is the whole level, whatever the input size.)
                     s, order = s.sort(descending=True)
                     s, order = s[:cfg.nms_pre], order[:cfg.nms_pre]
                     d, anc = d[order], anc[order]
@@ -99,10 +101,11 @@ class RPNHead(nn.Module):
                 # Even with min_bbox_size 0 this drops boxes clipped to zero width or height.
                 w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
                 valid = (w > cfg.min_bbox_size) & (h > cfg.min_bbox_size)
-                if not bool(valid.all()):
+                if exporting() or not bool(valid.all()):
+                    valid = torch.nonzero(valid).flatten()
                     boxes, scores, levels = boxes[valid], scores[valid], levels[valid]
             # Levels are NMS'd independently (level id as the "class").
-            keep = batched_nms(boxes, scores, levels, cfg.iou_threshold)[:cfg.max_per_img]
+            keep = batched_nms(boxes, scores, levels, cfg.iou_threshold, cfg.max_per_img)
             results.append((boxes[keep], scores[keep]))
         return results
 

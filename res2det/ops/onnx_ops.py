@@ -1,7 +1,8 @@
-"""The two ONNX operators the detection graphs need beyond plain tensor algebra, as PyTorch custom ops.
+"""What the detection code takes instead of its eager kernels while ``torch.onnx.export`` traces it.
 
-Each op runs eagerly with res2det's own kernels (so the export wrapper can be checked against the model in
-PyTorch) and is written into the ONNX graph as the standard operator with the same semantics:
+``exporting()`` is the switch the heads read (as torchvision's detection heads do): the rule stays written
+once, and only the kernel under it changes. Two PyTorch custom ops run eagerly with res2det's own kernels
+and are written into the ONNX graph as the standard operators with the same semantics:
 
 * ``res2det_onnx::nms`` -> ``NonMaxSuppression`` (opset 11+): per batch item and class, the boxes scoring
   ``> score_threshold`` are visited by decreasing score and a box is dropped when its IoU with a kept box is
@@ -16,9 +17,11 @@ PyTorch) and is written into the ONNX graph as the standard operator with the sa
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from .. import ops
+from .nms import nms as _nms
+from .roi_align import roi_align as _roi_align
 
 OPSET = 17  # the ONNX opset of the exported graphs (RoiAlign's half_pixel mode needs >= 16)
 
@@ -30,7 +33,7 @@ def nms(boxes: Tensor, scores: Tensor, max_per_class: int, iou_threshold: float,
     for b in range(boxes.shape[0]):
         for c in range(scores.shape[1]):
             cand = torch.nonzero(scores[b, c] > score_threshold).flatten()
-            keep = cand[ops.nms(boxes[b, cand], scores[b, c, cand], iou_threshold)][:max_per_class]
+            keep = cand[_nms(boxes[b, cand], scores[b, c, cand], iou_threshold)][:max_per_class]
             rows.append(torch.stack([torch.full_like(keep, b), torch.full_like(keep, c), keep], dim=1))
     if not rows:
         return torch.zeros(0, 3, dtype=torch.long, device=boxes.device)
@@ -47,7 +50,7 @@ def roi_align(features: Tensor, rois: Tensor, batch_indices: Tensor, output_size
               sampling_ratio: int) -> Tensor:
     """``features [B, C, H, W]``, ``rois [K, 4]`` (x1, y1, x2, y2), ``batch_indices [K]`` -> ``[K, C, s, s]``."""
     boxes = torch.cat([batch_indices.to(rois.dtype)[:, None], rois], dim=1)
-    return ops.roi_align(features, boxes, output_size, spatial_scale, sampling_ratio, True).contiguous()
+    return _roi_align(features, boxes, output_size, spatial_scale, sampling_ratio, True).contiguous()
 
 
 @roi_align.register_fake
@@ -86,3 +89,47 @@ def register_symbolics() -> None:
         torch.onnx.register_custom_op_symbolic("res2det_onnx::nms", _symbolic_nms, OPSET)
         torch.onnx.register_custom_op_symbolic("res2det_onnx::roi_align", _symbolic_roi_align, OPSET)
         _registered = True
+
+
+def exporting() -> bool:
+    """True while ``torch.onnx.export`` traces: the heads then take the traceable variant of a step."""
+    return torch.onnx.is_in_onnx_export()
+
+
+def sort_descending(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Sort by decreasing value, equal values in index order. ONNX's TopK (what ``sort`` exports to) keeps
+    that order; the TorchScript exporter cannot write ``stable=True`` itself."""
+    if exporting():
+        return x.sort(descending=True)
+    return x.sort(descending=True, stable=True)
+
+
+def ranks(scores: Tensor) -> Tensor:
+    """Distinct float scores with the order of ``scores`` (equal ones in index order): ``N`` for the best.
+    ONNX Runtime's NonMaxSuppression pops equal scores in heap order, so it is given these instead."""
+    order = sort_descending(scores)[1]
+    n = scores.shape[0]
+    return torch.zeros_like(scores).scatter(0, order, torch.arange(n, 0, -1, device=scores.device).to(scores.dtype))
+
+
+def batched_nms_graph(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float, max_num: int,
+                      split_thr: int) -> Tensor:
+    """``models.heads.post_processing.batched_nms`` (mmcv's rule) with ONNX's NonMaxSuppression: below
+    ``split_thr`` boxes group ``g`` is shifted by ``g * (max - min(min, 0) + 1)`` (mmcv's offset trick, so the
+    IoUs are the same floats), above it the raw boxes are suppressed group by group. The number of boxes
+    varies per image, so the choice is a tensor ``where``, not a Python branch. Returns the kept indices by
+    decreasing score, at most ``max_num`` (all for ``max_num <= 0``)."""
+    big = torch.finfo(boxes.dtype).max
+    flat = boxes.reshape(-1)
+    # (the +-big entries change nothing but keep the reductions defined when there is no box)
+    span = F.pad(flat, (0, 1), value=-big).max() - F.pad(flat, (0, 1), value=big).min().clamp(max=0) + 1
+    count = torch.ones_like(scores).sum()
+    span = torch.where(count < split_thr, span, torch.zeros_like(span))
+    shifted = boxes + (idxs.to(boxes.dtype) * span)[:, None]
+    r = ranks(scores)
+    groups = torch.arange(F.pad(idxs, (0, 1)).max() + 1, device=idxs.device)
+    group_ranks = torch.where(idxs[None] == groups[:, None], r[None], torch.zeros_like(r)[None])
+    limit = max_num if max_num > 0 else 2 ** 31 - 1
+    keep = nms(shifted[None], group_ranks[None], limit, iou_threshold, 0.0)[:, 2]
+    order = sort_descending(r[keep])[1]
+    return keep[order[:max_num] if max_num > 0 else order]
