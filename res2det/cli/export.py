@@ -40,8 +40,8 @@ def cmd_export(args) -> None:
     export_onnx(model, out, size=size, model_name=args.model)
     shape = f"1x3x{size[0]}x{size[1]}" if size else "1x3xHxW (H, W: any multiple of 32)"
     print(f"exported {args.model} to {out} ({out.stat().st_size / 2**20:.0f} MiB) in "
-          f"{time.perf_counter() - start:.1f} s: opset 17, input image {shape}; NMS and mask pasting in the graph; "
-          f"run it with `res2det infer --onnx {out} IMAGE`")
+          f"{time.perf_counter() - start:.1f} s: opset 17, input image {shape}; NMS in the graph, masks pasted by "
+          f"the runner; run it with `res2det infer --onnx {out} IMAGE`")
 
 
 def onnx_detector(path: str, *, model: str | None, weights: str | None):
@@ -57,7 +57,7 @@ def onnx_detector(path: str, *, model: str | None, weights: str | None):
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export a detector to ONNX (opset 17; NMS and mask pasting in the graph)")
+    p = sub.add_parser("export", help="export a detector to ONNX (opset 17; the model's detect with NMS in the graph)")
     p.add_argument("model", metavar="MODEL", help="a detection or instance_segmentation model (see `res2det list`)")
     p.add_argument("--weights", help="checkpoint file or a published source ('mmdet')")
     p.add_argument("--out", required=True, help="the .onnx file to write")

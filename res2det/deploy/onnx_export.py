@@ -1,4 +1,4 @@
-"""``export_onnx``: a detector to one ONNX graph (opset 17) with NMS and mask pasting inside."""
+"""``export_onnx``: a detector's own ``detect`` to one ONNX graph (opset 17), NMS and RoIAlign inside."""
 from __future__ import annotations
 
 import io
