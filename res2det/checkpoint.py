@@ -5,6 +5,7 @@ another model is refused by name before any tensor is compared.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -30,22 +31,93 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through a temporary file in the same folder and rename it, so ``path`` is never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+def write_error(path: str | os.PathLike, error: OSError) -> OSError:
+    """``error`` (a failed create, write or rename: disk full, read-only file system, no permission) as the
+    ``OSError`` of the same kind (``PermissionError`` for EACCES...) naming ``path``, the file the caller asked
+    for, not a temporary file beside it. The command line prints it as one line: ``path: reason``."""
+    return OSError(error.errno, error.strerror or str(error), str(path))
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Write through a temporary file in the same folder and rename it, so ``path`` is never half-written: on
+    any failure the temporary file is removed and an existing ``path`` is left as it was. An ``OSError`` is
+    raised naming ``path`` (``write_error``)."""
+    path, tmp = Path(path), None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets the mode open() would give it
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise write_error(path, e) from e
         raise
 
 
+class _WriteRecorder:
+    """A file for ``torch.save`` that keeps the ``OSError`` of a failed write: torch's zip writer, finishing the
+    archive after it, raises a RuntimeError ('unexpected pos') in its place."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _torch_save_through_python(obj, tmp: str) -> None:
+    with open(tmp, "wb") as f:
+        out = _WriteRecorder(f)
+        try:
+            torch.save(obj, out)
+        except Exception:
+            if out.error is not None:
+                raise out.error from None
+            raise
+
+
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))
+    def write(tmp: str) -> None:
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError:
+            # torch's own file writer reports a failed write (a full disk) as a RuntimeError that does not say
+            # why ('unexpected pos', 'file write failed'); written again through Python's I/O, a failed write is
+            # the OSError it is (and any other error is raised again)
+            _torch_save_through_python(obj, tmp)
+
+    atomic_write(Path(path), write)
+
+
+def append_text(path: str | os.PathLike, text: str) -> None:
+    """Append ``text`` to ``path`` (a log). A failed write is an ``OSError`` naming ``path``, and what was
+    appended of ``text`` is cut off again, so the file never ends in a partial line."""
+    path, data = Path(path), text.encode("utf-8")
+    try:
+        with open(path, "ab", buffering=0) as f:
+            start = f.seek(0, os.SEEK_END)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[f.write(view):]
+            except OSError:
+                with contextlib.suppress(OSError):
+                    f.truncate(start)
+                raise
+    except OSError as e:
+        raise write_error(path, e) from e
 
 
 def save_weights(model: nn.Module, path: str | os.PathLike, *, model_name: str,
@@ -57,9 +129,18 @@ def save_weights(model: nn.Module, path: str | os.PathLike, *, model_name: str,
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     meta = {"format": RES2DET_FORMAT, "model": model_name, "options": json.dumps(options or {})}
     if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
+        from safetensors import SafetensorError
+        from safetensors.torch import save, save_file
 
-        atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+        def write(tmp: str) -> None:
+            try:
+                save_file(state, tmp, metadata=meta)
+            except SafetensorError:  # how it reports a full disk too: then again through Python's I/O
+                data = save(state, metadata=meta)
+                with open(tmp, "wb") as f:
+                    f.write(data)
+
+        atomic_write(path, write)
     else:
         atomic_torch_save({**meta, "state_dict": state}, path)
 
@@ -192,4 +273,5 @@ def download(url: str, filename: str | None = None, *, root: str | os.PathLike |
     return target
 
 
-__all__ = ["read_weights", "save_weights", "load_state_dict_strict", "atomic_write", "atomic_torch_save", "download", "cache_dir"]
+__all__ = ["read_weights", "save_weights", "load_state_dict_strict", "atomic_write", "atomic_torch_save", "append_text",
+           "write_error", "download", "cache_dir"]

@@ -11,3 +11,7 @@ class CheckpointError(Res2DetError):
 
 class DataError(Res2DetError):
     """A dataset file (annotations, image, label map) that is missing, unreadable or malformed."""
+
+
+class Res2DetWarning(UserWarning):
+    """Something the user should know that does not stop the work (the CLI prints it as one line)."""

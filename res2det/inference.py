@@ -1,23 +1,78 @@
 """The one inference path of the detectors: images -> model input -> detections in original pixels.
 
-``predict`` decodes each image (``images.to_rgb_uint8``), resizes and normalises it as the weights expect
-(``images.detection_input``: mmcv's keep-ratio rule, optionally also fitting a fixed input size), pads a batch
-(``images.pad_batch``), runs a detector on it and maps each result back with ``postprocess``. The detector is a
+``iter_predict`` decodes each image (``images.to_rgb_uint8``), resizes and normalises it as the weights expect
+(``images.detection_input``: mmcv's keep-ratio rule, optionally also fitting a fixed input size), in
+background workers if asked, pads a batch (``images.pad_batch``), runs a detector on it and maps each result
+back with ``postprocess``; ``predict`` collects its detections. The detector is a
 function, so the same code serves ``TwoStageDetector.predict`` (its ``detect``), the ONNX Runtime runner (a
 session) and, through ``postprocess``, the COCO evaluation of dataset batches.
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+import functools
+import warnings
+from typing import Callable, Iterator, Mapping, Sequence
+
+import numpy as np
 
 import torch
 from torch import Tensor
+from torch.utils.data import Dataset
 
-from .errors import Res2DetError
+from .errors import Res2DetError, Res2DetWarning
 from .images import ImageLike, detection_input, image_list, pad_batch, to_rgb_uint8
+from .loading import Loader
 from .models.heads.box_coder import clip_boxes
 from .models.heads.mask_head import paste_mask_crops
 from .structures import Detections, InstanceMasks, Preprocess
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# CPU instructions that run each reduced precision natively (without them oneDNN emulates it, slower than fp32)
+_CPU_FLAGS = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
+
+
+class PrecisionFallback(Res2DetWarning):
+    """A reduced precision was asked for where the device cannot run it natively; fp32 runs instead."""
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    except OSError:
+        return frozenset()
+
+
+def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | None:
+    """The ``torch.autocast`` dtype of ``precision`` ('fp32', 'bf16', 'fp16') on ``device``; ``None`` for fp32.
+
+    A reduced precision the device has no instructions for (CPU: bf16 needs avx512_bf16 or amx_bf16, fp16
+    avx512_fp16 or amx_fp16; CUDA: bf16 needs compute capability 8.0) warns with ``PrecisionFallback`` and
+    returns ``None``: emulated, it would be slower than fp32. The numerically sensitive steps stay fp32
+    under autocast either way: the heads' outputs (``ops.at_least_fp32``), box decoding, softmax / sigmoid
+    scores, NMS, RoIAlign sampling and mask pasting."""
+    if precision not in PRECISIONS:
+        raise Res2DetError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    dtype = PRECISIONS[precision]
+    device = torch.device(device)
+    if dtype is None:
+        return None
+    if device.type == "cuda":
+        if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            warnings.warn(f"{torch.cuda.get_device_name(device)} has no bf16 support; running fp32",
+                          PrecisionFallback, stacklevel=3)
+            return None
+        return dtype
+    if device.type == "cpu":
+        if not _cpu_flags() & set(_CPU_FLAGS[dtype]):
+            warnings.warn(f"this CPU has no native {precision} instructions ({' or '.join(_CPU_FLAGS[dtype])}); "
+                          f"running fp32, which is faster here than emulated {precision}", PrecisionFallback,
+                          stacklevel=3)
+            return None
+        return dtype
+    raise Res2DetError(f"reduced precision on {device.type} is not supported; use precision='fp32'")
+
 
 # (padded batch [N, 3, H, W], unpadded sizes (h, w)) -> per image dict(boxes, scores, labels[, mask_probs]) in
 # input pixels: ``TwoStageDetector.detect(..., paste_masks=False)`` or an exported graph.
@@ -54,35 +109,55 @@ def postprocess(result: Mapping[str, Tensor], *, scale_factor: Sequence[float], 
     return clip_boxes(boxes, size).cpu(), scores.cpu(), labels.cpu(), masks
 
 
-def predict(detect: DetectFn, images: ImageLike | Sequence[ImageLike], *, preprocess: Preprocess,
-            class_names: Sequence[str], mask_thr: float = 0.5, paste_clipped_boxes: bool = False,
-            score_thr: float | None = None, batch_size: int = 1, input_size: tuple[int, int] | None = None
-            ) -> list[Detections]:
-    """One ``Detections`` per image (paths, PIL images, arrays, tensors; one or a list), in original pixels.
+class _Prepared(Dataset):
+    """Image ``i`` decoded and pre-processed (in a loader worker when there are workers): ``(i, rgb, input,
+    scale_factor)``."""
 
-    Images go through ``detection_input`` with ``preprocess`` and are padded to a multiple of 32 per batch of
-    ``batch_size``, or to exactly ``input_size = (H, W)`` (an exported graph's fixed input; an image whose
-    resized size does not fit is scaled down to fit). ``mask_thr``, ``paste_clipped_boxes`` and
-    ``score_thr`` are ``postprocess``'s.
+    def __init__(self, items: list, preprocess: Preprocess, input_size: tuple[int, int] | None):
+        self.items, self.preprocess, self.input_size = items, preprocess, input_size
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        rgb = to_rgb_uint8(self.items[i])
+        return (i, rgb, *detection_input(rgb, self.preprocess, fit=self.input_size))
+
+
+def iter_predict(detect: DetectFn, images: ImageLike | Sequence[ImageLike], *, preprocess: Preprocess,
+                 class_names: Sequence[str], mask_thr: float = 0.5, paste_clipped_boxes: bool = False,
+                 score_thr: float | None = None, batch_size: int = 1, input_size: tuple[int, int] | None = None,
+                 num_workers: int = 0) -> Iterator[tuple[ImageLike, np.ndarray, Detections]]:
+    """``(image, its HxWx3 uint8 pixels, Detections)`` per image, in order, as each batch is done.
+
+    Images go through ``detection_input`` with ``preprocess`` (in ``num_workers`` background processes while
+    the model runs, if above 0) and are padded to a multiple of 32 per batch of ``batch_size``, or to exactly
+    ``input_size = (H, W)`` (an exported graph's fixed input; an image whose resized size does not fit is
+    scaled down to fit). ``mask_thr``, ``paste_clipped_boxes`` and ``score_thr`` are ``postprocess``'s.
     """
     if batch_size < 1:
         raise Res2DetError(f"batch_size must be at least 1, got {batch_size}")
     items = image_list(images)
-    out: list[Detections] = []
-    for start in range(0, len(items), batch_size):
-        rgbs = [to_rgb_uint8(x) for x in items[start:start + batch_size]]
-        inputs = [detection_input(rgb, preprocess, fit=input_size) for rgb in rgbs]
-        batch = pad_batch([x for x, _ in inputs], size=input_size)
-        results = detect(batch, [tuple(x.shape[-2:]) for x, _ in inputs])
-        for rgb, (_, scale), result in zip(rgbs, inputs, results):
+    # (an unreadable image is the same one-line error with workers as without: ``Loader``)
+    loader = Loader(_Prepared(items, preprocess, input_size), batch_size=batch_size, num_workers=num_workers,
+                    collate_fn=list)
+    for samples in loader:
+        batch = pad_batch([x for _, _, x, _ in samples], size=input_size)
+        results = detect(batch, [tuple(x.shape[-2:]) for _, _, x, _ in samples])
+        for (i, rgb, _, scale), result in zip(samples, results):
             boxes, scores, labels, masks = postprocess(result, scale_factor=scale, orig_size=rgb.shape[:2],
                                                        mask_thr=mask_thr, paste_clipped_boxes=paste_clipped_boxes,
                                                        score_thr=score_thr)
-            out.append(Detections(boxes=boxes, scores=scores, labels=labels,
-                                  categories=[class_names[i] if i < len(class_names) else str(i)
-                                              for i in labels.tolist()],
-                                  masks=masks, width=int(rgb.shape[1]), height=int(rgb.shape[0])))
-    return out
+            yield items[i], rgb, Detections(
+                boxes=boxes, scores=scores, labels=labels,
+                categories=[class_names[k] if k < len(class_names) else str(k) for k in labels.tolist()],
+                masks=masks, width=int(rgb.shape[1]), height=int(rgb.shape[0]))
 
 
-__all__ = ["predict", "postprocess", "DetectFn"]
+def predict(detect: DetectFn, images: ImageLike | Sequence[ImageLike], **options) -> list[Detections]:
+    """One ``Detections`` per image (paths, PIL images, arrays, tensors; one or a list), in original pixels:
+    ``iter_predict``'s detections, as a list."""
+    return [det for _, _, det in iter_predict(detect, images, **options)]
+
+
+__all__ = ["predict", "iter_predict", "postprocess", "autocast_dtype", "PrecisionFallback", "PRECISIONS", "DetectFn"]

@@ -3,8 +3,11 @@ traceback, and nothing already written is changed. A first table of the cases fo
 input gets one clear error); more classes belong here as they are fixed."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import stat
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -235,3 +238,282 @@ def test_test_refuses_a_checkpoint_trained_on_other_classes(tmp_path, capsys):
     assert main(["test", "shapes", "--data", str(root), "--weights", str(weights), "--out", str(tmp_path / "o")]) == 2
     line = one_error_line(capsys)
     assert str(weights) in line and "trained on classes ['cat', 'dog']" in line and "'three'" in line
+
+
+# ------------------------------------------------------------------------------------ data-loader workers
+TINY_RUN = ["--set", "max_iters=2", "batch_size=1", "draw=0", "eval_every=0", "data.scale=(64,64)"]
+
+
+@pytest.fixture(scope="module")
+def shapes_root(tmp_path_factory):
+    """A tiny shapes set (2 training, 2 validation images of 64 px): a training iteration takes a fraction of a
+    second at data.scale=(64, 64)."""
+    from res2det.data import shapes_dataset
+
+    return shapes_dataset(tmp_path_factory.mktemp("data"), seed=3, num_train=2, num_val=2, image_size=64)
+
+
+def _copy_with_unreadable(root: Path, dest: Path, split: str, count: int) -> list[Path]:
+    """A copy of ``root`` whose first ``count`` ``split`` images are cut-off PNGs; those files."""
+    import shutil
+
+    shutil.copytree(root, dest)
+    files = sorted((dest / split).iterdir())[:count]
+    for f in files:
+        f.write_bytes(f.read_bytes()[:60])
+    return files
+
+
+def test_an_unreadable_training_image_is_the_same_one_line_with_loader_workers(shapes_root, tmp_path, capsys):
+    """With data.num_workers=1 PyTorch re-raised the worker's DataError with the worker's traceback as its
+    message ("Caught DataError in DataLoader worker process 0 ... Original Traceback"); now the line is the one
+    the main process gives with num_workers=0."""
+    root = tmp_path / "data"
+    bad = _copy_with_unreadable(shapes_root, root, "train", 2)
+    lines = []
+    for workers in (0, 1):
+        out = tmp_path / f"runs{workers}"
+        assert main(["train", "shapes", "--data", str(root), "--out", str(out), *TINY_RUN,
+                     f"data.num_workers={workers}"]) == 2
+        lines.append(one_error_line(capsys))
+        assert not list(out.glob("*/iter_*.pth"))
+    assert lines[0] == lines[1], lines
+    (named,) = [f for f in bad if lines[1].startswith(f"res2det: error: {f}: not a readable image (")]
+    assert lines[1].endswith(f"(image id {int(named.stem)} in {root / 'annotations' / 'instances_train.json'})")
+    assert "Caught" not in lines[1]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_loader_gives_the_datasets_own_error_or_skips_with_workers(shapes_root, tmp_path, workers):
+    """``Loader``, which training and evaluation (and ``build_loader``) read through: on_bad='fail' raises the
+    dataset's own DataError, on_bad='skip' yields the readable images only."""
+    from res2det.data import Loader, collate
+
+    root = tmp_path / "data"
+    (bad,) = _copy_with_unreadable(shapes_root, root, "val", 1)
+    args = (root / "annotations" / "instances_val.json", root / "val")
+    failing = CocoDataset(*args, train=False, scale=(64, 64))
+    with pytest.raises(DataError) as direct:
+        failing[0]
+    with pytest.raises(DataError) as loaded:
+        list(Loader(failing, batch_size=1, num_workers=workers, collate_fn=collate))
+    assert type(loaded.value) is DataError and str(loaded.value) == str(direct.value)
+    assert str(bad) in str(direct.value) and "Traceback" not in str(loaded.value)
+
+    skipping = CocoDataset(*args, train=False, scale=(64, 64), on_bad="skip")
+    with pytest.warns(UserWarning, match="skipped") if workers == 0 else contextlib.nullcontext():
+        batches = list(Loader(skipping, batch_size=1, num_workers=workers, collate_fn=collate))
+    files = [m["file"] for _, _, _, metas in batches for m in metas]
+    assert len(files) == 2 and str(bad) not in files  # the unreadable image's place taken by the next one
+
+
+def test_evaluate_model_with_workers_raises_the_datasets_error(shapes_root, tmp_path):
+    import res2det
+    from res2det.evaluation import evaluate_model
+
+    root = tmp_path / "data"
+    (bad,) = _copy_with_unreadable(shapes_root, root, "val", 1)
+    ds = CocoDataset(root / "annotations" / "instances_val.json", root / "val", train=False, scale=(64, 64))
+    model = res2det.create_model("mask_rcnn_r2_tiny_fpn", num_classes=ds.num_classes)
+    with pytest.raises(DataError) as e:
+        evaluate_model(model, ds, num_workers=1, progress=False, out_dir=tmp_path / "eval")
+    assert str(e.value).startswith(f"{bad}: not a readable image") and "Caught" not in str(e.value)
+    assert not (tmp_path / "eval").exists()
+
+
+def test_res2det_test_names_an_unreadable_validation_image(shapes_root, tmp_path, capsys):
+    """(``res2det test`` reads the data in its own process: data.num_workers is for training.)"""
+    import res2det
+    from res2det.checkpoint import save_weights
+
+    root = tmp_path / "data"
+    (bad,) = _copy_with_unreadable(shapes_root, root, "val", 1)
+    names = CocoDataset(root / "annotations" / "instances_train.json", root / "train", train=True).class_names
+    model = res2det.create_model("mask_rcnn_r2_tiny_fpn", num_classes=len(names), class_names=names)
+    weights = tmp_path / "w.safetensors"
+    save_weights(model, weights, model_name="mask_rcnn_r2_tiny_fpn",
+                 options={"num_classes": len(names), "class_names": list(names)})
+    assert main(["test", "shapes", "--data", str(root), "--weights", str(weights), "--out", str(tmp_path / "o"),
+                 "--set", "data.scale=(64,64)"]) == 2
+    assert one_error_line(capsys).startswith(f"res2det: error: {bad}: not a readable image")
+
+
+# ------------------------------------------------------------------------- outputs that cannot be written
+OS_ERRORS = {name: getattr(errno, name) for name in ("ENOSPC", "EACCES", "EROFS")}
+
+
+def _os_error(name: str, filename: str | None = None) -> OSError:
+    code = OS_ERRORS[name]
+    return OSError(code, os.strerror(code), *([filename] if filename else []))  # EACCES: a PermissionError
+
+
+def refuse_creating(monkeypatch, folder: Path, error: str, name: str = "") -> None:
+    """Creating a file (``atomic_write``'s temporary) under ``folder`` whose name starts with ``name`` fails
+    with ``error``, as on a full disk, a read-only file system or a folder without write permission (the tests
+    run as root, whom chmod does not stop)."""
+    real = tempfile.mkstemp
+
+    def mkstemp(suffix=None, prefix=None, dir=None, text=False):
+        if dir is not None and Path(dir).resolve().is_relative_to(folder.resolve()) and \
+                (prefix or "").startswith(f".{name}"):
+            raise _os_error(error, os.path.join(dir, f"{prefix}k2j4h6{suffix}"))
+        return real(suffix, prefix, dir, text)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+
+
+class _FullDisk:
+    """A file that takes ``room`` bytes and then fails with ENOSPC, as a file filling the disk."""
+
+    def __init__(self, file, room: int):
+        self.file, self.room = file, room
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        if len(view) > self.room:
+            self.file.write(view[:self.room])
+            self.room = 0
+            raise _os_error("ENOSPC")
+        self.room -= len(view)
+        return self.file.write(view)
+
+    def __getattr__(self, name: str):  # flush, seek, truncate...
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+
+def fill_disk_while_writing(monkeypatch, name: str, room: int = 4096, on_start=None) -> None:
+    """Writing a file whose (temporary) name starts with ``.name.`` or is ``name`` fails as on a disk that fills
+    up after ``room`` bytes: through Python's I/O in ``res2det.checkpoint`` with ENOSPC; ``torch.save`` and
+    safetensors' ``save_file`` given the path fail as they do on a real full disk (seen on a full tmpfs): a
+    RuntimeError 'unexpected pos' and a SafetensorError 'I/O error'. ``on_start(path)`` runs when such a
+    write begins."""
+    import builtins
+
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    import res2det.checkpoint
+
+    def victim(file) -> bool:
+        if not isinstance(file, (str, os.PathLike)):
+            return False
+        base = Path(file).name
+        hit = base.startswith(f".{name}.") or base == name
+        if hit and on_start is not None:
+            on_start(Path(file))
+        return hit
+
+    def fake_open(file, mode="r", *args, **kwargs):
+        f = builtins.open(file, mode, *args, **kwargs)
+        return _FullDisk(f, room) if ("w" in mode or "a" in mode) and victim(file) else f
+
+    real_save, real_save_file = torch.save, safetensors.torch.save_file
+
+    def torch_save(obj, f, *args, **kwargs):
+        if victim(f):
+            Path(f).write_bytes(b"PK" * (room // 2))
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4160 vs 4096")
+        return real_save(obj, f, *args, **kwargs)
+
+    def save_file(tensors, filename, *args, **kwargs):
+        if victim(filename):
+            Path(filename).write_bytes(b"\0" * room)
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real_save_file(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(res2det.checkpoint, "open", fake_open, raising=False)
+    monkeypatch.setattr(torch, "save", torch_save)
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return [p.name for p in folder.rglob("*") if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("error", sorted(OS_ERRORS))
+def test_train_on_a_full_or_read_only_disk_keeps_the_last_checkpoint(error, shapes_root, tmp_path, monkeypatch,
+                                                                      capsys):
+    """The second checkpoint cannot be written (ENOSPC part-way through torch.save, whose zip writer then
+    raised a RuntimeError 'unexpected pos' in its place; EACCES / EROFS on creating it): one line naming the
+    file and the reason, the first checkpoint is untouched and ``latest`` still names it, no temporary file."""
+    from res2det.engine.run_checkpoints import load_training_checkpoint
+
+    run = tmp_path / "runs" / "shapes"
+    first = run / "iter_0000001.pth"
+    before = {}
+    if error == "ENOSPC":
+        fill_disk_while_writing(monkeypatch, "iter_0000002.pth",
+                                on_start=lambda _: before.update(first=first.read_bytes()))
+    else:
+        refuse_creating(monkeypatch, run, error, "iter_0000002.pth")
+    assert main(["train", "shapes", "--data", str(shapes_root), "--out", str(tmp_path / "runs"), *TINY_RUN,
+                 "checkpoint_every=1", "data.num_workers=0"]) == 2
+    assert one_error_line(capsys) == f"res2det: error: {run / 'iter_0000002.pth'}: {os.strerror(OS_ERRORS[error])}"
+    assert (run / "latest").read_text() == "iter_0000001.pth\n" and not (run / "iter_0000002.pth").exists()
+    assert load_training_checkpoint(first)["iteration"] == 1
+    if before:
+        assert first.read_bytes() == before["first"]
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_save_weights_on_a_full_disk_keeps_the_file_there(suffix, tmp_path, monkeypatch):
+    """safetensors' save_file reported a full disk as a SafetensorError, torch.save as a RuntimeError: now an
+    OSError naming the file, and the weights already at that path are still there and load."""
+    import res2det
+    from res2det.checkpoint import read_weights, save_weights
+
+    model = res2det.create_model("mask_rcnn_r2_tiny_fpn")
+    path = tmp_path / f"w{suffix}"
+    save_weights(model, path, model_name="mask_rcnn_r2_tiny_fpn")
+    before = path.read_bytes()
+    fill_disk_while_writing(monkeypatch, path.name)
+    with pytest.raises(OSError) as e:
+        save_weights(model, path, model_name="mask_rcnn_r2_tiny_fpn")
+    assert (e.value.errno, e.value.filename) == (errno.ENOSPC, str(path))
+    assert path.read_bytes() == before and _leftovers(tmp_path) == []
+    assert read_weights(path)[1]["model"] == "mask_rcnn_r2_tiny_fpn"
+
+
+def test_a_log_line_that_does_not_fit_is_cut_off_again(tmp_path, monkeypatch):
+    from res2det.checkpoint import append_text
+
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"iter": 1}\n')
+    fill_disk_while_writing(monkeypatch, log.name, room=5)
+    with pytest.raises(OSError) as e:
+        append_text(log, '{"iter": 2, "loss": 1.5}\n')
+    assert (e.value.errno, e.value.filename) == (errno.ENOSPC, str(log))
+    assert log.read_text() == '{"iter": 1}\n'  # not '{"iter": 1}\n{"ite', which a resume could not read
+
+
+@pytest.mark.parametrize("flag, error", [("--out", "ENOSPC"), ("--out", "EROFS"), ("--draw", "EACCES"),
+                                         ("--draw", "ENOSPC")])
+def test_infer_outputs_that_cannot_be_written(flag, error, tmp_path, monkeypatch, capsys):
+    import res2det
+    from res2det.checkpoint import save_weights
+
+    weights = tmp_path / "w.safetensors"
+    save_weights(res2det.create_model("mask_rcnn_r2_tiny_fpn"), weights, model_name="mask_rcnn_r2_tiny_fpn")
+    image = tmp_path / "im.png"
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(image)
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / "dets.json" if flag == "--out" else out / "drawn"
+    if flag == "--out":
+        target.write_text("[]\n")  # an earlier run's: kept as it was
+    refuse_creating(monkeypatch, out, error)
+    assert main(["infer", "--model", "mask_rcnn_r2_tiny_fpn", "--weights", str(weights), str(image), flag,
+                 str(target)]) == 2
+    written = target if flag == "--out" else target / "im.png"
+    assert one_error_line(capsys) == f"res2det: error: {written}: {os.strerror(OS_ERRORS[error])}"
+    if flag == "--out":
+        assert target.read_text() == "[]\n"
+    assert not written.exists() or flag == "--out"
+    assert _leftovers(tmp_path) == []

@@ -1,4 +1,4 @@
-"""Image reading and the classifier transform."""
+"""Image reading, the classifier transform and the detectors' bilinear resize."""
 from __future__ import annotations
 
 import numpy as np
@@ -67,3 +67,22 @@ def test_dark_16bit_image_is_not_brightened(tmp_path):
     Image.fromarray(np.full((4, 4), 40000, np.uint16)).save(tmp_path / "mid.png")
     assert to_rgb_uint8(tmp_path / "dark.png").max() == 1  # round(200 * 255 / 65535)
     assert to_rgb_uint8(tmp_path / "mid.png").max() == 156  # rounded, not truncated (155.6)
+
+
+def test_resize_equals_opencv_and_ignores_the_thread_count():
+    """``resize_bilinear`` against cv2.resize(INTER_LINEAR) outputs recorded by fixtures/make_opencv_resize.py
+    (up, down, mixed, 1x1 and strip sizes), at 1 and 2 threads (F.interpolate's float path differs between
+    them on .5 ties)."""
+    from pathlib import Path
+
+    from res2det.images import resize_bilinear
+
+    data = np.load(Path(__file__).parent / "fixtures" / "opencv_resize.npz")
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            for i, (w, h) in enumerate(data["sizes"].tolist()):
+                np.testing.assert_array_equal(resize_bilinear(data["image"], w, h), data[f"out{i}"])
+    finally:
+        torch.set_num_threads(threads)

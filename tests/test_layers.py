@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "res2det"
 
 # (layer, first component of the module path below ``res2det``)
 LAYERS = [
-    {"errors", "version", "structures", "images", "overrides"},  # plain types, images, config edits
+    {"errors", "version", "structures", "images", "overrides", "loading"},  # plain types, images, config edits, loader
     {"ops"},  # detection ops (RoIAlign, NMS, deformable conv, Winograd), pure PyTorch
     {"models", "inference"},  # nn.Modules built from typed configs; the inference path their predict runs
     {"checkpoint", "pdparams"},  # reading and writing weight files

@@ -5,9 +5,10 @@ import argparse
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 
-from ..errors import Res2DetError
+from ..errors import Res2DetError, Res2DetWarning
 
 
 def text_table(rows: list[list[str]], header: list[str]) -> str:
@@ -49,12 +50,22 @@ def check_output(path: str | os.PathLike, flag: str, *, folder: bool = False) ->
     return path
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """res2det's own warnings as one ``res2det: warning:`` line; others as Python prints them."""
+    if issubclass(category, Res2DetWarning):
+        print(f"res2det: warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
     """Parse and run; a user error (``Res2DetError``) is one line on stderr and exit code 2, no traceback; so
     is a failed write (disk full, read-only folder), naming the file."""
     args = parser.parse_args(argv)
     try:
-        args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            args.func(args)
     except Res2DetError as e:
         print(f"res2det: error: {e}", file=sys.stderr)
         return 2

@@ -91,8 +91,48 @@ def _detection_record(image: str, det) -> dict:
     return {"file": str(image), "width": det.width, "height": det.height, "detections": dets}
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+
+
+def expand_images(sources: list[str]) -> list[str]:
+    """Files as given; a folder -> its image files (by suffix, sorted); a glob pattern (``*``, ``?``, ``[``,
+    ``**`` for subfolders) -> the files it matches, sorted. A folder or pattern with no image is an error."""
+    import glob
+
+    out = []
+    for source in sources:
+        if Path(source).is_dir():
+            found = sorted(str(f) for f in Path(source).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        elif glob.has_magic(source):
+            found = sorted(f for f in glob.glob(source, recursive=True) if Path(f).is_file())
+        else:
+            out.append(source)
+            continue
+        if not found:
+            raise Res2DetError(f"{source}: no image files {'in this folder' if Path(source).is_dir() else 'match'}")
+        out += found
+    return out
+
+
+def _done_files(path: Path) -> set[str]:
+    """The images an earlier, interrupted run already wrote to the JSON-lines file ``path``; a last line the
+    interruption cut short is dropped from the file."""
+    done, lines = set(), path.read_text(encoding="utf-8").splitlines(keepends=True)
+    for n, line in enumerate(lines, 1):
+        try:
+            done.add(json.loads(line)["file"])
+        except (ValueError, KeyError, TypeError):
+            if n < len(lines):  # only the last line may have been cut short by the interruption
+                raise Res2DetError(f"{path}: line {n} is not a record written by `res2det infer`") from None
+            kept = "".join(lines[:-1])
+            atomic_write(path, lambda tmp: Path(tmp).write_text(kept, encoding="utf-8"))
+    return done
+
+
 def cmd_infer(args) -> None:
-    from ..images import check_image, to_rgb_uint8
+    from tqdm import tqdm
+
+    from ..images import check_image
     from ..visualize import draw_detections
     from ..zoo import create_model, get_spec, list_models
 
@@ -105,48 +145,77 @@ def cmd_infer(args) -> None:
             raise Res2DetError(f"{args.model} is a {spec.task} model; infer needs a detector: {', '.join(detectors)}")
     if args.score_thr is not None and not 0.0 <= args.score_thr <= 1.0:
         raise Res2DetError(f"--score-thr must lie in [0, 1], got {args.score_thr}")
-    for image in args.images:  # fail on a missing or non-image file before building the model
+    if args.workers < 0:
+        raise Res2DetError(f"--workers must be 0 or more, got {args.workers}")
+    onnx_runtime = args.onnx is not None or args.backend == "onnxruntime"
+    if onnx_runtime and args.precision != "fp32":
+        raise Res2DetError("ONNX Runtime runs the graph in fp32; --precision applies to the PyTorch backend")
+    images = expand_images(args.images)
+    for image in images:  # fail on a missing or non-image file before building the model
         check_image(image)
+    jsonl = args.out is not None and args.out.endswith(".jsonl")
+    if args.resume and not jsonl:
+        raise Res2DetError("--resume continues a JSON-lines --out FILE.jsonl")
     if args.out:
         check_output(args.out, "--out")
     if args.draw:
         check_output(args.draw, "--draw", folder=True)
+    if args.resume and Path(args.out).exists():
+        done = _done_files(Path(args.out))
+        images = [i for i in images if str(i) not in done]
+        print(f"--resume: {len(done)} image(s) already in {args.out}, {len(images)} to go")
     if args.onnx is not None:  # the exported graph in ONNX Runtime, with the same predict()
         from .export import onnx_detector
 
         model = onnx_detector(args.onnx, model=args.model, weights=args.weights)
     else:
         model = create_model(args.model, weights=args.weights).eval()
-    if args.weights is None and args.onnx is None:
-        print(f"res2det: warning: no --weights given, so {args.model} is randomly initialised; its detections "
-              f"mean nothing. Pass --weights FILE or --weights mmdet.", file=sys.stderr)
+        if args.weights is None:
+            print(f"res2det: warning: no --weights given, so {args.model} is randomly initialised; its detections "
+                  f"mean nothing. Pass --weights FILE or --weights mmdet.", file=sys.stderr)
+        if args.backend == "onnxruntime" and images:
+            from ..deploy import onnx_backend
+
+            model = onnx_backend(model, model_name=args.model, check_image=images[0])
     draw_dir = Path(args.draw) if args.draw else None
     draw_thr = 0.3 if args.score_thr is None else args.score_thr
-    records, drawn = [], set()
-    for image in args.images:
-        rgb = to_rgb_uint8(image)
-        start = time.perf_counter()
-        det = model.predict(rgb, score_thr=args.score_thr)[0]
-        elapsed = time.perf_counter() - start
-        top = ", ".join(f"{c} {s:.2f}" for c, s in zip(det.categories[:3], det.scores[:3].tolist()))
-        print(f"{image}: {det.width}x{det.height}, {len(det)} detections in {elapsed * 1000:.0f} ms"
-              + (f" (top: {top})" if top else ""))
-        if args.out:
-            records.append(_detection_record(image, det))
-        if draw_dir is not None:
-            stem, n = Path(image).stem, 1
-            while stem in drawn:  # two inputs with the same name: keep both drawings
-                n += 1
-                stem = f"{Path(image).stem}_{n}"
-            drawn.add(stem)
-            picture = draw_detections(rgb, det, score_thr=draw_thr)
-            path = draw_dir / f"{stem}.png"
-            atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
-            print(f"  drawn: {path}")
-    if args.out:
+    options = {} if onnx_runtime else {"precision": args.precision, "batch_size": args.batch_size}
+    records, drawn, count, start = [], set(), 0, time.perf_counter()
+    stream = open(args.out, "a" if args.resume else "w", encoding="utf-8") if jsonl else None
+    bar = tqdm(total=len(images), unit="img", disable=not sys.stderr.isatty(), dynamic_ncols=True)
+    try:
+        for image, rgb, det in model.iter_predict(images, score_thr=args.score_thr, num_workers=args.workers,
+                                                  **options):
+            bar.update()
+            count += 1
+            top = ", ".join(f"{c} {s:.2f}" for c, s in zip(det.categories[:3], det.scores[:3].tolist()))
+            bar.write(f"{image}: {det.width}x{det.height}, {len(det)} detections" + (f" (top: {top})" if top else ""))
+            if stream is not None:  # one line per image, on disk before the next image starts
+                stream.write(json.dumps(_detection_record(image, det)) + "\n")
+                stream.flush()
+            elif args.out:
+                records.append(_detection_record(image, det))
+            if draw_dir is not None:
+                stem, n = Path(image).stem, 1
+                while stem in drawn:  # two inputs with the same name: keep both drawings
+                    n += 1
+                    stem = f"{Path(image).stem}_{n}"
+                drawn.add(stem)
+                picture = draw_detections(rgb, det, score_thr=draw_thr)
+                path = draw_dir / f"{stem}.png"
+                atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
+                bar.write(f"  drawn: {path}")
+    finally:
+        bar.close()
+        if stream is not None:
+            stream.close()
+    elapsed = time.perf_counter() - start
+    print(f"{count} image(s) in {elapsed:.1f} s ({count / max(elapsed, 1e-9):.2f} images/s)")
+    if args.out and not jsonl:
         text = json.dumps(records)
         atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-        print(f"detections of {len(records)} image(s) written to {args.out}")
+    if args.out:
+        print(f"detections written to {args.out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,9 +247,22 @@ def build_parser() -> argparse.ArgumentParser:
                    "PyTorch model (same pre-processing, outputs and drawing)")
     p.add_argument("--score-thr", type=float, help="keep detections scoring at least this (after the model's "
                    "own 0.05); also the drawing threshold (default 0.3 there)")
-    p.add_argument("--out", help="write the detections as JSON (one record per image; masks as COCO RLE)")
+    p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
+                   help="onnxruntime: export the model's graph once into the cache (checked against PyTorch on "
+                        "the first image), then run it in ONNX Runtime (fp32)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="PyTorch autocast precision of the layers (scores, boxes, NMS and masks stay fp32); "
+                        "falls back to fp32 with a warning where the device has no native instructions for it")
+    p.add_argument("--batch-size", type=int, default=1, help="images per forward pass (PyTorch backend)")
+    p.add_argument("--workers", type=int, default=0, help="background processes that decode and resize images "
+                   "while the model runs")
+    p.add_argument("--out", help="write the detections: FILE.jsonl one JSON line per image as it is done (an "
+                   "interruption loses nothing; see --resume), any other name one JSON list at the end; masks as "
+                   "COCO RLE")
+    p.add_argument("--resume", action="store_true", help="with --out FILE.jsonl: skip the images already in it")
     p.add_argument("--draw", metavar="DIR", help="save each image with its detections drawn as DIR/<stem>.png")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders (their images) or glob "
+                   "patterns ('photos/**/*.jpg')")
     p.set_defaults(func=cmd_infer)
 
     from .train import add_parsers as add_train_parsers

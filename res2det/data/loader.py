@@ -1,13 +1,15 @@
-"""Batching: aspect-ratio grouped, distributed-aware batch sampling, padding collate, ``build_loader``."""
+"""Batching: aspect-ratio grouped, distributed-aware batch sampling, padding collate, ``build_loader`` (a
+``res2det.loading.Loader``: user errors from worker processes as themselves)."""
 from __future__ import annotations
 
 from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset, Sampler
 
 from ..images import pad_batch
+from ..loading import Loader
 
 
 def _pad_to(x: Tensor, height: int, width: int, value: int) -> Tensor:
@@ -108,13 +110,13 @@ class AspectRatioBatchSampler(Sampler[list]):
 
 
 def build_loader(dataset: Dataset, *, batch_size: int, train: bool, num_workers: int = 0, seed: int = 0,
-                 rank: int = 0, world_size: int = 1) -> DataLoader:
-    """A DataLoader over ``dataset`` (a ``CocoDataset``) with an ``AspectRatioBatchSampler`` and ``collate``.
+                 rank: int = 0, world_size: int = 1) -> Loader:
+    """A ``Loader`` over ``dataset`` (a ``CocoDataset``) with an ``AspectRatioBatchSampler`` and ``collate``.
     Call ``loader.batch_sampler.set_epoch(epoch)`` before each training epoch."""
     groups = getattr(dataset, "aspect_groups", None) or [0] * len(dataset)
     sampler = AspectRatioBatchSampler(groups, batch_size, train=train, seed=seed, rank=rank, world_size=world_size)
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
-                      persistent_workers=num_workers > 0)
+    return Loader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+                  persistent_workers=num_workers > 0)
 
 
-__all__ = ["collate", "AspectRatioBatchSampler", "build_loader"]
+__all__ = ["collate", "AspectRatioBatchSampler", "Loader", "build_loader"]

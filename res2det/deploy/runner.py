@@ -19,10 +19,12 @@ import numpy as np
 import torch
 
 from ..errors import Res2DetError
-from ..inference import predict
+from ..inference import iter_predict
 from ..structures import Preprocess
 
 if TYPE_CHECKING:
+    from typing import Iterator
+
     from ..images import ImageLike
     from ..structures import Detections
 
@@ -119,9 +121,15 @@ class OnnxDetector:
                 ) -> "list[Detections]":
         """One ``Detections`` per image (paths, PIL images, arrays, tensors; one or a list), in original pixels,
         by decreasing score; ``score_thr`` keeps those scoring at least that much."""
+        return [det for _, _, det in self.iter_predict(images, score_thr=score_thr)]
+
+    def iter_predict(self, images: "ImageLike | Sequence[ImageLike]", *, score_thr: float | None = None,
+                     num_workers: int = 0) -> "Iterator[tuple[ImageLike, np.ndarray, Detections]]":
+        """``predict`` one image at a time, as ``TwoStageDetector.iter_predict``."""
         info = self.info
-        return predict(self.detect, images, preprocess=info.preprocess, class_names=self.class_names,
-                       mask_thr=info.mask_thr, score_thr=score_thr, input_size=info.input_size)
+        return iter_predict(self.detect, images, preprocess=info.preprocess, class_names=self.class_names,
+                            mask_thr=info.mask_thr, score_thr=score_thr, input_size=info.input_size,
+                            num_workers=num_workers)
 
 
 __all__ = ["OnnxDetector", "GraphInfo", "read_info", "METADATA_KEY", "GRAPH_FORMAT"]

@@ -5,6 +5,7 @@ A checkpoint file is complete before ``latest`` (a one-line text file, itself re
 and older files are deleted only after that, so a process killed at any moment leaves a loadable latest."""
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checkpoint import atomic_torch_save, atomic_write
+from ..checkpoint import atomic_torch_save, atomic_write, write_error
 from ..errors import CheckpointError
 
 
@@ -57,15 +58,20 @@ class CheckpointManager:
         return path
 
     def mark_best(self, path: Path) -> None:
-        tmp = self.run_dir / ".best.pth.tmp"
-        tmp.unlink(missing_ok=True)
+        best, tmp = self.run_dir / "best.pth", self.run_dir / ".best.pth.tmp"
         try:
-            os.link(path, tmp)
-        except OSError:  # file systems without hard links
-            import shutil
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(path, tmp)
+            except OSError:  # file systems without hard links
+                import shutil
 
-            shutil.copyfile(path, tmp)
-        os.replace(tmp, self.run_dir / "best.pth")
+                shutil.copyfile(path, tmp)
+            os.replace(tmp, best)
+        except OSError as e:  # best.pth is as it was
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise write_error(best, e) from e
 
     def latest(self) -> Path | None:
         pointer = self.run_dir / "latest"

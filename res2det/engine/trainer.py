@@ -6,6 +6,7 @@ import json
 import math
 import re
 import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import atomic_write
+from ..checkpoint import append_text, atomic_write
 from ..errors import Res2DetError
 from .run_checkpoints import CheckpointManager, load_training_checkpoint, rng_state, set_rng_state
 from .train_config import TrainConfig, config_to_dict
@@ -209,7 +210,7 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------- loop
     def fit(self) -> dict[str, Any]:
-        cfg, dev = self.cfg, self.dist.device
+        cfg = self.cfg
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             text = json.dumps(config_to_dict(cfg), indent=2) + "\n"
@@ -220,15 +221,33 @@ class Trainer:
         records = self._log_records_up_to_checkpoint(log)
         already_finished = self.iteration >= self.max_iters
         bar = None
-        if self.progress:
+        if self.progress and sys.stderr.isatty():  # as evaluation: elsewhere (a log file) the log lines are printed
             from tqdm import tqdm
 
             bar = tqdm(total=self.max_iters, initial=self.iteration, unit="it", dynamic_ncols=True,
                        desc=f"train {cfg.model}")
+        t0 = time.perf_counter()
+        try:
+            metrics = self._train(log, bar, t0)
+        finally:  # an error (a bad image, a full disk) is then printed on a line of its own
+            if bar is not None:
+                bar.close()
+        if already_finished:  # resumed after the last iteration: report (or finish) the final evaluation
+            final = [r for r in records if r["kind"] == "eval" and r["iter"] == self.iteration]
+            if final:
+                metrics = {k: v for k, v in final[-1].items() if k not in ("kind", "iter", "epoch")}
+            else:  # killed during it
+                metrics = self.evaluate(math.ceil(self.iteration / self.iters_per_epoch), log, self.ckpt.latest())
+        return {"run_dir": str(self.run_dir), "iterations": self.iteration, "metrics": metrics,
+                "seconds": time.perf_counter() - t0, "already_finished": already_finished}
+
+    def _train(self, log: Path, bar, t0: float) -> dict[str, float]:
+        """The iterations from ``self.iteration`` to ``max_iters``, with checkpoints and evaluations; the metrics
+        of the last evaluation ({} if none ran)."""
+        cfg, dev = self.cfg, self.dist.device
         metrics: dict[str, float] = {}
         window: list[torch.Tensor] = []
         names: list[str] = []
-        t0 = time.perf_counter()
         self.model.train()
         while self.iteration < self.max_iters:
             epoch = self.iteration // self.iters_per_epoch
@@ -261,16 +280,7 @@ class Trainer:
                 if finished or (cfg.eval_every and done_epochs % cfg.eval_every == 0):
                     metrics = self.evaluate(done_epochs, log, path)
                     self.model.train()
-        if bar is not None:
-            bar.close()
-        if already_finished:  # resumed after the last iteration: report (or finish) the final evaluation
-            final = [r for r in records if r["kind"] == "eval" and r["iter"] == self.iteration]
-            if final:
-                metrics = {k: v for k, v in final[-1].items() if k not in ("kind", "iter", "epoch")}
-            else:  # killed during it
-                metrics = self.evaluate(math.ceil(self.iteration / self.iters_per_epoch), log, self.ckpt.latest())
-        return {"run_dir": str(self.run_dir), "iterations": self.iteration, "metrics": metrics,
-                "seconds": time.perf_counter() - t0, "already_finished": already_finished}
+        return metrics
 
     def _log_records_up_to_checkpoint(self, log: Path) -> list[dict]:
         """The log's records, without those written after the checkpoint this run continues from (a resumed run
@@ -287,17 +297,15 @@ class Trainer:
     def _batches(self, epoch: int, start: int):
         """The epoch's batches from the ``start``-th on. Each sample's augmentation is seeded by the sampler,
         so a resumed epoch sees exactly the batches the interrupted one would have."""
-        from torch.utils.data import DataLoader
-
-        from ..data import collate
+        from ..data import Loader, collate
 
         self.sampler.set_epoch(epoch)
         batches = list(self.sampler)[start:]
         workers = self.cfg.data.num_workers if len(batches) > 1 else 0
         # its own generator: creating the iterator must not draw from the global RNG, or a resumed run's
         # sampling inside the heads would drift from the uninterrupted run's
-        return DataLoader(self.train_set, batch_sampler=batches, collate_fn=collate, num_workers=workers,
-                          pin_memory=self.dist.device.type == "cuda", generator=torch.Generator())
+        return Loader(self.train_set, batch_sampler=batches, collate_fn=collate, num_workers=workers,
+                      pin_memory=self.dist.device.type == "cuda", generator=torch.Generator())
 
     def _step(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]], sizes) -> dict | None:
         cfg = self.cfg
@@ -338,8 +346,7 @@ class Trainer:
                   "loss": total_loss(terms), **terms,
                   "memory_mb": round(_memory_mb(self.dist.device), 1), "time": round(time.perf_counter() - t0, 2)}
         if self.dist.is_main:
-            with open(log, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_text(log, json.dumps(record) + "\n")
             if bar is not None:
                 shown = {k.replace("loss_", ""): f"{v:.3f}" for k, v in terms.items()}
                 bar.set_postfix(loss=f"{record['loss']:.3f}", **shown, lr=f"{record['lr']:.2e}",
@@ -358,8 +365,7 @@ class Trainer:
         if self.dist.is_main:
             key = "segm_AP" if "segm_AP" in metrics else "bbox_AP"
             record = {"kind": "eval", "iter": self.iteration, "epoch": epoch, **metrics}
-            with open(log, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_text(log, json.dumps(record) + "\n")
             if checkpoint is not None and (self.best is None or metrics[key] > self.best[1]):
                 self.best = (key, metrics[key], epoch)
                 self.ckpt.mark_best(checkpoint)

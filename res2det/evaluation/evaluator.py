@@ -9,10 +9,11 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 from tqdm import tqdm
 
 from ..checkpoint import atomic_write
+from ..loading import Loader
 from ..images import pad_batch
 from .coco_eval import IOU_TYPES, coco_evaluate, format_per_class, to_coco_results, write_results_json
 
@@ -58,8 +59,8 @@ def evaluate_model(model: nn.Module, dataset: Any, *, batch_size: int = 1, devic
         if label_to_cat_id is None:
             label_to_cat_id = sorted(dataset.coco.getCatIds())
     rank, world = _rank_and_world()
-    loader = DataLoader(Subset(dataset, range(rank, len(dataset), world)), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, collate_fn=_eval_collate)
+    loader = Loader(Subset(dataset, range(rank, len(dataset), world)), batch_size=batch_size, shuffle=False,
+                    num_workers=num_workers, collate_fn=_eval_collate)
     param = next(net.parameters())
     results: ImageRecords = {}
     was_training = net.training

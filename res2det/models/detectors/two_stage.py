@@ -18,6 +18,10 @@ from ..necks import FPN
 from .detector_config import DetectorConfig
 
 if TYPE_CHECKING:
+    from typing import Iterator
+
+    import numpy as np
+
     from ...images import ImageLike
     from ...structures import Detections
 
@@ -109,34 +113,48 @@ class TwoStageDetector(nn.Module):
         return results
 
     def predict(self, images: "ImageLike | Sequence[ImageLike]", *, score_thr: float | None = None,
-                batch_size: int = 1) -> "list[Detections]":
+                batch_size: int = 1, precision: str = "fp32") -> "list[Detections]":
         """Detect objects in images given as paths, PIL images, HxWx3 uint8 arrays or tensors (HxWx3 or 3xHxW;
         floats in 0..1 or 0..255), one or a list (an ``N x 3 x H x W`` tensor or ``N x H x W x 3`` array is
         a list of N). Returns one ``Detections`` per image, always a list.
 
-        As mmdetection's test pipeline (``res2det.inference.predict``): keep-ratio resize to fit the model's
-        (short, long) input bounds (mmcv's rule, bilinear), normalise with ``model.preprocess``, zero-pad
-        bottom/right to a multiple of 32, ``batch_size`` images per forward. Boxes are divided by the per-axis
-        scale factors and clipped to the original image; masks are pasted at the original size from those
-        boxes. ``score_thr`` keeps only detections scoring at least that much (after the model's own test
-        threshold). ``detect`` runs under ``torch.inference_mode`` in eval mode (the previous mode is restored);
-        the returned tensors are ordinary CPU tensors.
+        As mmdetection's test pipeline (``res2det.inference``): keep-ratio resize to fit the model's (short,
+        long) input bounds (mmcv's rule, bilinear), normalise with ``model.preprocess``, zero-pad bottom/right
+        to a multiple of 32, ``batch_size`` images per forward. Boxes are divided by the per-axis scale factors
+        and clipped to the original image; masks are pasted at the original size from those boxes.
+        ``score_thr`` keeps only detections scoring at least that much (after the model's own test threshold).
+        ``detect`` runs under ``torch.inference_mode`` in eval mode (the previous mode is restored); the
+        returned tensors are ordinary CPU tensors.
+
+        ``precision`` 'bf16' / 'fp16' runs the layers under ``torch.autocast`` where the device has native
+        instructions for it (else fp32, with a ``PrecisionFallback`` warning); scores, box decoding, NMS,
+        RoIAlign sampling and mask pasting stay fp32 (``res2det.inference.autocast_dtype``).
         """
-        from ...inference import predict
+        return [det for _, _, det in self.iter_predict(images, score_thr=score_thr, batch_size=batch_size,
+                                                       precision=precision)]
+
+    def iter_predict(self, images: "ImageLike | Sequence[ImageLike]", *, score_thr: float | None = None,
+                     batch_size: int = 1, precision: str = "fp32", num_workers: int = 0
+                     ) -> "Iterator[tuple[ImageLike, np.ndarray, Detections]]":
+        """``predict`` one image at a time: ``(image, its HxWx3 uint8 pixels, Detections)``, decoding and
+        pre-processing in ``num_workers`` background processes while the model runs (for folders of images)."""
+        from ...inference import autocast_dtype, iter_predict
 
         param = next(self.parameters())
+        dtype = autocast_dtype(precision, param.device)
 
         def detect(batch: Tensor, sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
-            with torch.inference_mode():
+            with torch.inference_mode(), torch.autocast(param.device.type, dtype=dtype or torch.float32,
+                                                        enabled=dtype is not None):
                 return self.detect(batch.to(param.device, param.dtype), sizes, paste_masks=False)
 
         was_training = self.training
         self.eval()
         try:
-            return predict(detect, images, preprocess=self.preprocess, class_names=self.class_names,
-                           mask_thr=self.roi_head.test_cfg.mask_thr_binary,
-                           paste_clipped_boxes=self.roi_head.paste_clipped_boxes, score_thr=score_thr,
-                           batch_size=batch_size)
+            yield from iter_predict(detect, images, preprocess=self.preprocess, class_names=self.class_names,
+                                    mask_thr=self.roi_head.test_cfg.mask_thr_binary,
+                                    paste_clipped_boxes=self.roi_head.paste_clipped_boxes, score_thr=score_thr,
+                                    batch_size=batch_size, num_workers=num_workers)
         finally:
             self.train(was_training)
 
