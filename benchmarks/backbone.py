@@ -68,6 +68,8 @@ def parse_run_options(ap: argparse.ArgumentParser, argv, *, warmup: tuple[int, i
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--amp", action="store_true", help="autocast to fp16 (cuda) / bf16 (cpu) for every variant")
+    ap.add_argument("--amp-dtype", choices=["fp16", "bf16"], help="the autocast dtype of --amp (default: fp16 on "
+                    "cuda, bf16 on cpu)")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--profile", action="store_true", help="also print each optimised model's top ops")
     args = ap.parse_args(argv)
@@ -78,6 +80,7 @@ def parse_run_options(ap: argparse.ArgumentParser, argv, *, warmup: tuple[int, i
     cuda = args.device == "cuda"
     args.warmup = warmup[cuda] if args.warmup is None else args.warmup
     args.repeats = repeats[cuda] if args.repeats is None else args.repeats
+    args.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.amp_dtype or ("fp16" if cuda else "bf16")]
     return args
 
 
@@ -138,8 +141,7 @@ def main(argv=None) -> dict:
                 diff = (opt(x) - model(x)).abs().max().item()
             info[name] = dict(params_m=count_params(model) / 1e6, gmacs=count_macs(model, x[:1]) / 1e9, max_abs_diff=diff,
                               selection_s=tune_s, stage_layouts=getattr(opt, 'stage_layouts', None))
-            autocast = torch.autocast(args.device, dtype=torch.float16 if args.device == "cuda" else torch.bfloat16,
-                                      enabled=args.amp)
+            autocast = torch.autocast(args.device, dtype=args.amp_dtype, enabled=args.amp)
 
             def wrap(f, autocast=autocast):
                 def run(inp):
@@ -178,7 +180,7 @@ def main(argv=None) -> dict:
         print(markdown_table(rows))
     result = dict(
         rows=rows,
-        options=dict(device=args.device, amp=args.amp, threads=torch.get_num_threads(),
+        options=dict(device=args.device, amp=args.amp and str(args.amp_dtype), threads=torch.get_num_threads(),
                      repeats=args.repeats, warmup=args.warmup, kernel_selection=select),
         machine=dict(torch=torch.__version__, python=platform.python_version(), cpu=platform.processor() or platform.machine(),
                      cuda=torch.cuda.get_device_name() if args.device == "cuda" else None),

@@ -16,7 +16,8 @@ the mask head on the final detections). Latency is the median of ``--repeats`` i
 ``--warmup`` (on CUDA synchronised; defaults 1 + 3 on CPU, 5 + 20 on CUDA). 'optimised' is
 ``res2det.optimize.optimize_for_inference`` (kernel selection on CPU in fp32 only; on CUDA and with ``--amp``
 the fusion alone); its detections are compared with eager's in fp32 (max box / score difference, label and
-mask equality). ``--amp``: both variants timed under ``torch.autocast`` (float16 on CUDA, bfloat16 on CPU).
+mask equality). ``--amp``: both variants timed under ``torch.autocast`` (float16 on CUDA, bfloat16 on CPU;
+``--amp-dtype`` picks).
 """
 from __future__ import annotations
 
@@ -77,7 +78,7 @@ def main(argv=None) -> dict:
     args = parse_run_options(ap, argv, warmup=(1, 5), repeats=(3, 20))
     cuda = args.device == "cuda"
     select = not cuda and not args.amp
-    autocast = torch.autocast(args.device, dtype=torch.float16 if cuda else torch.bfloat16, enabled=args.amp)
+    autocast = torch.autocast(args.device, dtype=args.amp_dtype, enabled=args.amp)
     rows = []
     for name in args.models:
         weights = seeded_reference_weights(name)
@@ -120,7 +121,7 @@ def main(argv=None) -> dict:
               f"{r['speedup']:6.2f}x  {same}")
     result = dict(rows=rows, threads=torch.get_num_threads(), torch=torch.__version__,
                   cpu=platform.processor() or platform.machine(), repeats=args.repeats, warmup=args.warmup,
-                  device=args.device, amp=args.amp, kernel_selection=select,
+                  device=args.device, amp=args.amp and str(args.amp_dtype), kernel_selection=select,
                   cuda=torch.cuda.get_device_name() if cuda else None)
     write_json(args.json, result)
     return result

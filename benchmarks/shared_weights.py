@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 from res2det.checkpoint import atomic_torch_save, cache_dir
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+# ../shared beside the repository, or RES2DET_SHARED (a device machine gets a copy inside the working tree)
+SHARED = Path(os.environ.get("RES2DET_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
 
 def seeded_reference_weights(model_name: str) -> Path | None:

@@ -3,9 +3,10 @@
 ``iter_predict`` decodes each image (``images.to_rgb_uint8``), resizes and normalises it as the weights expect
 (``images.detection_input``: mmcv's keep-ratio rule, optionally also fitting a fixed input size), in
 background workers if asked, pads a batch (``images.pad_batch``), runs a detector on it and maps each result
-back with ``postprocess``; ``predict`` collects its detections. The detector is a
-function, so the same code serves ``TwoStageDetector.predict`` (its ``detect``), the ONNX Runtime runner (a
-session) and, through ``postprocess``, the COCO evaluation of dataset batches.
+back with ``postprocess``; ``predict`` collects its detections. The detector is a function, so the same code
+serves ``TwoStageDetector.predict`` (its ``detect``), the ONNX Runtime runner (a session) and, through
+``postprocess``, the COCO evaluation of dataset batches. ``autocast_dtype`` decides what a reduced
+``precision`` runs as on a device.
 """
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import warnings
 from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
-
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset

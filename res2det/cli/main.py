@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..version import __version__
-from ..checkpoint import atomic_write
+from ..checkpoint import append_text, atomic_write
 from ..errors import Res2DetError
 from .common import check_output, run, text_table
 
@@ -181,7 +181,8 @@ def cmd_infer(args) -> None:
     draw_thr = 0.3 if args.score_thr is None else args.score_thr
     options = {} if onnx_runtime else {"precision": args.precision, "batch_size": args.batch_size}
     records, drawn, count, start = [], set(), 0, time.perf_counter()
-    stream = open(args.out, "a" if args.resume else "w", encoding="utf-8") if jsonl else None
+    if jsonl and not args.resume:
+        atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text(""))
     bar = tqdm(total=len(images), unit="img", disable=not sys.stderr.isatty(), dynamic_ncols=True)
     try:
         for image, rgb, det in model.iter_predict(images, score_thr=args.score_thr, num_workers=args.workers,
@@ -190,9 +191,8 @@ def cmd_infer(args) -> None:
             count += 1
             top = ", ".join(f"{c} {s:.2f}" for c, s in zip(det.categories[:3], det.scores[:3].tolist()))
             bar.write(f"{image}: {det.width}x{det.height}, {len(det)} detections" + (f" (top: {top})" if top else ""))
-            if stream is not None:  # one line per image, on disk before the next image starts
-                stream.write(json.dumps(_detection_record(image, det)) + "\n")
-                stream.flush()
+            if jsonl:  # one line per image, on disk before the next image starts
+                append_text(args.out, json.dumps(_detection_record(image, det)) + "\n")
             elif args.out:
                 records.append(_detection_record(image, det))
             if draw_dir is not None:
@@ -207,8 +207,6 @@ def cmd_infer(args) -> None:
                 bar.write(f"  drawn: {path}")
     finally:
         bar.close()
-        if stream is not None:
-            stream.close()
     elapsed = time.perf_counter() - start
     print(f"{count} image(s) in {elapsed:.1f} s ({count / max(elapsed, 1e-9):.2f} images/s)")
     if args.out and not jsonl:

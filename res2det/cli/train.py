@@ -115,7 +115,8 @@ def cmd_test(args) -> None:
     model = create_model(cfg.model, weights=args.weights, **cfg.model_options, num_classes=len(names),
                          class_names=names).to(dist.device)
     run_dir = new_run_dir(cfg.out_dir, f"{_run_name(args.config)}-test")
-    metrics = evaluate_model(model, val, batch_size=cfg.batch_size, device=dist.device, out_dir=run_dir)
+    metrics = evaluate_model(model, val, batch_size=cfg.batch_size, device=dist.device, out_dir=run_dir,
+                             precision=args.precision, num_workers=cfg.data.num_workers)
     if dist.is_main:
         print((run_dir / "coco_eval.txt").read_text())  # COCOeval's summary and the per-class AP tables
         print_metrics(metrics)
@@ -142,4 +143,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("test", help="COCO box/mask AP of a checkpoint on the config's validation set")
     common(p)
     p.add_argument("--weights", required=True, help="checkpoint file (res2det, mmdet, Paddle ...)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="autocast precision of the layers, as `res2det infer --precision`")
     p.set_defaults(func=cmd_test)

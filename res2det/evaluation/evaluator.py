@@ -13,6 +13,7 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from ..checkpoint import atomic_write
+from ..inference import autocast_dtype
 from ..loading import Loader
 from ..images import pad_batch
 from .coco_eval import IOU_TYPES, coco_evaluate, format_per_class, to_coco_results, write_results_json
@@ -36,7 +37,7 @@ def _eval_collate(samples: list[Mapping[str, Any]]) -> tuple[torch.Tensor, list[
 
 def evaluate_model(model: nn.Module, dataset: Any, *, batch_size: int = 1, device: str | torch.device | None = None,
                    out_dir: str | Path | None = None, progress: bool = True, num_workers: int = 0,
-                   label_to_cat_id: Sequence[int] | None = None) -> dict[str, float]:
+                   label_to_cat_id: Sequence[int] | None = None, precision: str = "fp32") -> dict[str, float]:
     """COCO box (and, for mask models, mask) metrics of a detector on ``dataset``.
 
     ``dataset`` yields samples with ``image`` (normalised ``[3, h, w]``, unpadded), ``image_id``, ``orig_size``
@@ -45,7 +46,8 @@ def evaluate_model(model: nn.Module, dataset: Any, *, batch_size: int = 1, devic
     ids, as ``CocoDataset`` numbers them).
     The model runs in eval mode under ``torch.inference_mode`` on ``device`` (default: where its parameters
     are; given, the model is moved there); its previous mode is restored. Detections go to original pixels
-    through ``model.postprocess`` (as ``predict`` does).
+    through ``model.postprocess`` (as ``predict`` does). ``precision`` is ``predict``'s (autocast of the layers
+    where the device runs it natively, ``res2det.inference.autocast_dtype``).
 
     Under ``torch.distributed`` each rank runs every world_size-th image, results are gathered on rank 0,
     which evaluates and writes ``out_dir`` (``bbox.json``, ``segm.json``, ``coco_eval.txt`` with COCOeval's
@@ -62,11 +64,13 @@ def evaluate_model(model: nn.Module, dataset: Any, *, batch_size: int = 1, devic
     loader = Loader(Subset(dataset, range(rank, len(dataset), world)), batch_size=batch_size, shuffle=False,
                     num_workers=num_workers, collate_fn=_eval_collate)
     param = next(net.parameters())
+    dtype = autocast_dtype(precision, param.device)
     results: ImageRecords = {}
     was_training = net.training
     net.eval()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast(param.device.type, dtype=dtype or torch.float32,
+                                                    enabled=dtype is not None):
             bar = tqdm(loader, desc="evaluate", unit="batch",
                        disable=not (progress and rank == 0 and sys.stderr.isatty()))
             for images, sizes, metas in bar:

@@ -1,0 +1,172 @@
+"""Inference paths side by side: full ``predict`` (decode, resize, detect, paste) of one real photo per path.
+
+    python benchmarks/inference.py [--models NAME ...] [--photo FILE] [--rounds 3] [--threads 2] [--json OUT]
+                                   [--readme README.md]
+
+Paths (each the whole ``predict`` of the same image, with the seed-0 reference weights of ../shared when present):
+
+* ``fp32 eager``: ``model.predict(photo)``, the exact path and the default;
+* ``fp32 optimised``: ``optimize_for_inference(model, x, select=False)`` (BN folded, ReLU fused, grouped
+  stage-block convs), then its ``predict``;
+* ``bf16 autocast``: ``predict`` with the layers under ``torch.autocast(bfloat16)`` (what ``precision='bf16'``
+  runs where the CPU has avx512_bf16 / amx_bf16; on a CPU without them only with ``--emulated``);
+* ``onnxruntime fp32``: ``res2det.deploy.onnx_backend`` (the model's own graph in ONNX Runtime, same threads).
+
+Timing: one warm-up call per path, then ``--rounds`` interleaved rounds (every path once per round); the median
+per path and its ratio to fp32 eager. Agreement with fp32 eager: the share of its detections scoring >= 0.3
+found again (same label, box IoU >= 0.5), and the largest score difference among those. ``--readme`` rewrites
+the ``<!-- inference-table:start/end -->`` block of that file with the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import res2det  # noqa: E402
+from res2det import inference  # noqa: E402
+from res2det.checkpoint import atomic_write  # noqa: E402
+from res2det.cli.benchmark import rewrite_block  # noqa: E402
+from res2det.errors import Res2DetError  # noqa: E402
+from res2det.images import detection_input, pad_batch, to_rgb_uint8  # noqa: E402
+from res2det.ops import box_iou  # noqa: E402
+from res2det.optimize import optimize_for_inference  # noqa: E402
+
+from shared_weights import SHARED, seeded_reference_weights  # noqa: E402
+
+MODELS = ["faster_rcnn_r2_101_fpn_2x_coco", "mask_rcnn_r2_101_fpn_2x_coco", "htc_r2_101_fpn_20e_coco"]
+PHOTO = SHARED / "data" / "tiny_coco" / "val2017" / "000000006818.jpg"  # 427x640 -> 800x1199
+
+
+def cpu_name() -> str:
+    """CPU model and family, as the figures depend on them."""
+    info = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    except OSError:
+        return platform.processor() or platform.machine()
+    return f"{info.get('model name', '?')} (family {info.get('cpu family', '?')})"
+
+
+def bf16_predict(model):
+    """``predict`` with the layers under bf16 autocast, whether or not the CPU has native bf16."""
+    def detect(batch, sizes):
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return model.detect(batch, sizes, paste_masks=False)
+
+    def run(photo):
+        return inference.predict(detect, photo, preprocess=model.preprocess, class_names=model.class_names,
+                                 mask_thr=model.roi_head.test_cfg.mask_thr_binary)
+    return run
+
+
+def agreement(ref, got) -> dict:
+    keep = ref.scores >= 0.3
+    if not bool(keep.any()):
+        return {"found": None, "max_score_diff": None, "reference_detections": 0}
+    iou = box_iou(ref.boxes[keep], got.boxes) if len(got) else torch.zeros(int(keep.sum()), 0)
+    hit = (iou >= 0.5) & (ref.labels[keep][:, None] == got.labels[None])
+    best = torch.where(hit, iou, torch.full_like(iou, -1)).argmax(1) if len(got) else None
+    found = hit.any(1)
+    diff = (ref.scores[keep][found] - got.scores[best[found]]).abs().max() if bool(found.any()) else torch.tensor(0.)
+    return {"found": float(found.float().mean()), "max_score_diff": float(diff),
+            "reference_detections": int(keep.sum())}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=MODELS)
+    ap.add_argument("--photo", type=Path, default=PHOTO)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--readme", type=Path)
+    ap.add_argument("--emulated", action="store_true", help="also time bf16 on a CPU without native bf16 (oneDNN "
+                    "emulates it: about 20x slower than fp32 for R2-101 on an AVX2-only CPU)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    photo = str(args.photo)
+    native_bf16 = bool(inference._cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    rows = []
+    with tempfile.TemporaryDirectory() as cache:
+        for name in args.models:
+            weights = seeded_reference_weights(name)
+            model = res2det.create_model(name, weights=None if weights is None else str(weights)).eval()
+            rgb = to_rgb_uint8(photo)
+            x = pad_batch([detection_input(rgb, model.preprocess)[0]])
+            paths = {"fp32 eager": lambda p, m=model: m.predict(p),
+                     "fp32 optimised": (lambda opt: lambda p: opt.predict(p))(
+                         optimize_for_inference(model, x, select=False))}
+            if native_bf16 or args.emulated:
+                paths[f"bf16 autocast{'' if native_bf16 else ' (emulated)'}"] = bf16_predict(model)
+            try:
+                start = time.perf_counter()
+                from res2det.deploy import onnx_backend
+
+                ort = onnx_backend(model, model_name=name, check_image=photo,
+                                                  threads=torch.get_num_threads(), root=cache)
+                export_s = time.perf_counter() - start
+                paths["onnxruntime fp32"] = lambda p, d=ort: d.predict(p)
+            except (ImportError, Res2DetError) as e:
+                print(f"{name}: onnxruntime path skipped: {e}", file=sys.stderr)
+                export_s = None
+            outputs = {k: fn(photo)[0] for k, fn in paths.items()}  # warm-up, and the detections compared
+            times = {k: [] for k in paths}
+            for _ in range(args.rounds):
+                for k, fn in paths.items():
+                    start = time.perf_counter()
+                    fn(photo)
+                    times[k].append(time.perf_counter() - start)
+            base = statistics.median(times["fp32 eager"])
+            for k in paths:
+                s = statistics.median(times[k])
+                rows.append(dict(model=name, path=k, seconds=s, speedup=base / s,
+                                 **agreement(outputs["fp32 eager"], outputs[k]),
+                                 export_and_check_s=export_s if k.startswith("onnx") else None,
+                                 weights="seeded reference" if weights else "random"))
+    header = f"{'model':32s} {'path':28s} {'seconds':>8s} {'vs eager':>8s}  agreement with fp32 eager"
+    print(f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}; {args.photo.name}"
+          + ("" if native_bf16 or args.emulated else "; no native bf16 here: bf16 not timed (--emulated)"))
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        agree = "-" if r["found"] is None else \
+            f"{r['found'] * 100:.0f}% of {r['reference_detections']} found, max score diff {r['max_score_diff']:.1e}"
+        print(f"{r['model']:32s} {r['path']:28s} {r['seconds']:8.2f} {r['speedup']:7.2f}x  {agree}")
+    result = dict(rows=rows, cpu=cpu_name(), threads=torch.get_num_threads(), torch=torch.__version__,
+                  rounds=args.rounds, photo=args.photo.name, native_bf16=native_bf16)
+    if args.json:
+        text = json.dumps(result, indent=2)
+        atomic_write(args.json, lambda tmp: Path(tmp).write_text(text))
+    if args.readme:
+        rewrite_block(args.readme, "inference-table", markdown(result))
+    return result
+
+
+def markdown(result: dict) -> str:
+    lines = [f"{result['cpu']}, {result['threads']} threads, torch {result['torch']}; full `predict` of "
+             f"{result['photo']} (800x1199 input), median of {result['rounds']} interleaved rounds"
+             + ("" if result["native_bf16"] else "; this CPU has no native bf16, so bf16 is not timed") + ":", "",
+             "| model | path | seconds | vs fp32 eager | fp32 eager detections (>= 0.3) found |",
+             "| --- | --- | --- | --- | --- |"]
+    for r in result["rows"]:
+        found = "-" if r["found"] is None else f"{r['found'] * 100:.0f}% of {r['reference_detections']}"
+        lines.append(f"| {r['model']} | {r['path']} | {r['seconds']:.2f} | {r['speedup']:.2f}x | {found} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""COCO box / mask AP of a trained detector through every inference path, against the exact fp32 path.
+
+    python benchmarks/inference_ap.py RUN_DIR/model_final.safetensors [--config shapes] [--json OUT]
+
+The detector of ``--config`` (a ``res2det train`` preset or .py file; default the README's main job) with the
+given weights, on that config's validation set, image files through ``predict``'s own pipeline
+(``res2det.inference``); the paths:
+
+* ``fp32 eager``: the exact path (``model.iter_predict``);
+* ``bf16 autocast``: the layers under ``torch.autocast(bfloat16)``, timed and scored whether or not the CPU has
+  native bf16 (``precision='bf16'`` runs it only where it has);
+* ``fp16 autocast``: the same in float16;
+* ``onnxruntime fp32``: ``res2det.deploy.onnx_backend`` (the model's graph in ONNX Runtime).
+
+A fast path whose AP falls more than 0.01 below fp32 is not one to offer as is (the table marks it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from res2det import inference  # noqa: E402
+from res2det.checkpoint import atomic_write  # noqa: E402
+from res2det.engine.train_config import load_config  # noqa: E402
+from res2det.engine.trainer import build_dataset, model_preprocess  # noqa: E402
+from res2det.evaluation.coco_eval import coco_evaluate, to_coco_results  # noqa: E402
+from res2det.zoo import create_model  # noqa: E402
+
+from inference import cpu_name  # noqa: E402  (benchmarks/inference.py)
+
+
+def autocast_paths(model, dtype):
+    def detect(batch, sizes):
+        with torch.inference_mode(), torch.autocast("cpu", dtype=dtype):
+            return model.detect(batch, sizes, paste_masks=False)
+
+    def run(files):
+        return inference.iter_predict(detect, files, preprocess=model.preprocess, class_names=model.class_names,
+                                      mask_thr=model.roi_head.test_cfg.mask_thr_binary)
+    return run
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("weights")
+    ap.add_argument("--config", default="shapes")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_config(args.config)
+    val = build_dataset(cfg, model_preprocess(cfg), "val")
+    names = tuple(val.class_names)
+    model = create_model(cfg.model, weights=args.weights, **cfg.model_options, num_classes=len(names),
+                         class_names=names).eval()
+    files = [str(r.file) for r in val.records]
+    ids = [r.image_id for r in val.records]
+    paths = {"fp32 eager": lambda f: model.iter_predict(f),
+             "bf16 autocast": autocast_paths(model, torch.bfloat16),
+             "fp16 autocast": autocast_paths(model, torch.float16)}
+    rows = []
+    with tempfile.TemporaryDirectory() as cache:
+        try:
+            from res2det.deploy import onnx_backend
+
+            ort = onnx_backend(model, model_name=cfg.model, check_image=files[0], root=cache,
+                               threads=torch.get_num_threads())
+            paths["onnxruntime fp32"] = lambda f: ort.iter_predict(f)
+        except ImportError as e:
+            print(f"onnxruntime path skipped: {e}", file=sys.stderr)
+        for name, run in paths.items():
+            start = time.perf_counter()
+            bbox, segm = [], []
+            for image_id, (_, _, det) in zip(ids, run(files)):
+                b, s = to_coco_results(image_id, det.boxes, det.scores, det.labels, det.instance_masks,
+                                       label_to_cat_id=val.label_to_cat_id)
+                bbox += b
+                segm += s
+            seconds = time.perf_counter() - start
+            row = {"path": name, "seconds": seconds, "images": len(files)}
+            for iou_type, records in (("bbox", bbox), ("segm", segm)):
+                if records or iou_type == "bbox":
+                    row[f"{iou_type}_AP"] = coco_evaluate(val.coco, records, iou_type, img_ids=ids).metrics[
+                        f"{iou_type}_AP"]
+            rows.append(row)
+    base = rows[0]
+    print(f"{cpu_name()}, {torch.get_num_threads()} threads; {cfg.model} on {len(files)} validation images of "
+          f"{args.config}")
+    print(f"{'path':20s} {'box AP':>7s} {'mask AP':>7s} {'d box':>7s} {'d mask':>7s} {'s/img':>6s} {'vs fp32':>7s}")
+    for r in rows:
+        d_box = r["bbox_AP"] - base["bbox_AP"]
+        d_mask = r.get("segm_AP", 0.0) - base.get("segm_AP", 0.0)
+        r["offered"] = min(d_box, d_mask) >= -0.01
+        print(f"{r['path']:20s} {r['bbox_AP']:7.4f} {r.get('segm_AP', float('nan')):7.4f} {d_box:+7.4f} "
+              f"{d_mask:+7.4f} {r['seconds'] / r['images']:6.2f} {base['seconds'] / r['seconds']:6.2f}x"
+              + ("" if r["offered"] else "  (AP falls > 0.01: not offered as is)"))
+    result = dict(rows=rows, cpu=cpu_name(), threads=torch.get_num_threads(), torch=torch.__version__,
+                  config=args.config, weights=str(args.weights))
+    if args.json:
+        text = json.dumps(result, indent=2)
+        atomic_write(args.json, lambda tmp: Path(tmp).write_text(text))
+    return result
+
+
+if __name__ == "__main__":
+    main()
