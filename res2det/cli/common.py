@@ -58,6 +58,11 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
+def _one_line(message: object) -> str:
+    """A message as one line: some library errors quoted in ours span several (pickle's, for one)."""
+    return " ".join(str(message).split("\n"))
+
+
 def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
     """Parse and run; a user error (``Res2DetError``) is one line on stderr and exit code 2, no traceback; so
     is a failed write (disk full, read-only folder), naming the file."""
@@ -67,10 +72,10 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
             warnings.showwarning = _show_warning
             args.func(args)
     except Res2DetError as e:
-        print(f"res2det: error: {e}", file=sys.stderr)
+        print(f"res2det: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except OSError as e:
         where = e.filename or "writing the output"
-        print(f"res2det: error: {where}: {e.strerror or e}", file=sys.stderr)
+        print(f"res2det: error: {where}: {_one_line(e.strerror or e)}", file=sys.stderr)
         return 2
     return 0

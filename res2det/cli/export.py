@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from ..errors import Res2DetError
-from .common import parse_size
+from .common import check_output, parse_size
 
 DETECTION_TASKS = ("detection", "instance_segmentation")
 
@@ -29,9 +29,7 @@ def cmd_export(args) -> None:
     size = parse_size(args.size, square_ok=False) if args.size is not None else None
     if size is not None:
         check_size(size)
-    out = Path(args.out)
-    if out.is_dir():
-        raise Res2DetError(f"{out}: is a folder; --out takes the path of the .onnx file to write")
+    out = check_output(args.out, "--out")  # before the model is built and traced
     model = create_model(args.model, weights=args.weights).eval()
     if args.weights is None:
         print(f"res2det: warning: no --weights given, so the exported {args.model} is randomly initialised; its "

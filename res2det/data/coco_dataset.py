@@ -77,8 +77,13 @@ def check_annotation(ann: dict, image: dict, cat_ids: set[int], *, with_masks: b
         missing.append("segmentation")
     if missing:
         return "malformed_annotation", f"missing {', '.join(missing)}"
-    if ann["category_id"] not in cat_ids:
-        return "unknown_category", f"unknown category id {ann['category_id']!r} (not in 'categories')"
+    if not _is_id(ann["id"]):
+        return "malformed_annotation", f"id {ann['id']!r}: annotation ids must be integers or strings"
+    cat = ann["category_id"]
+    if not isinstance(cat, (int, float)) or isinstance(cat, bool) or cat not in cat_ids:
+        return "unknown_category", f"unknown category id {cat!r} (not in 'categories')"
+    if ann.get("iscrowd", 0) not in (0, 1):  # COCOeval takes int() of it
+        return "malformed_annotation", f"iscrowd {ann['iscrowd']!r} is not 0 or 1"
     if "area" in ann and not _is_number(ann["area"]):
         return "malformed_annotation", f"area {ann['area']!r} is not a number"
     box = ann["bbox"]
@@ -109,15 +114,16 @@ def check_annotation(ann: dict, image: dict, cat_ids: set[int], *, with_masks: b
                 return "bad_polygon", f"polygon coordinate {far!r} lies far outside the {W}x{H} image"
         return None
     if isinstance(segm, dict) and "counts" in segm and "size" in segm:
-        if list(segm["size"]) != [H, W]:
-            return "bad_rle", f"RLE size {segm['size']} is not the image's [height, width] [{H}, {W}]"
+        if not isinstance(segm["size"], list) or segm["size"] != [H, W]:
+            return "bad_rle", f"RLE size {segm['size']!r} is not the image's [height, width] [{H}, {W}]"
         counts = segm["counts"]
-        if isinstance(counts, list) and sum(counts) != H * W:
-            return "bad_rle", f"RLE counts cover {sum(counts)} pixels, the image has {H * W}"
         if not isinstance(counts, (list, str)):
             return "bad_rle", "RLE counts are neither a list nor a string"
-        if isinstance(counts, list) and not all(isinstance(c, int) and c >= 0 for c in counts):
+        if isinstance(counts, list) and not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0
+                                                for c in counts):
             return "bad_rle", "RLE counts must be non-negative integers"
+        if isinstance(counts, list) and sum(counts) != H * W:
+            return "bad_rle", f"RLE counts cover {sum(counts)} pixels, the image has {H * W}"
         if isinstance(counts, str):
             decoded = _rle_string_counts(counts)
             if decoded is None or sum(decoded) != H * W:
@@ -253,6 +259,12 @@ class CocoDataset(torch.utils.data.Dataset):
         images = _entries(data, "images", self.ann_file, ("id", "file_name", "width", "height"))
         cats = _entries(data, "categories", self.ann_file, ("id", "name"))
         anns = _entries(data, "annotations", self.ann_file, (), required=train)
+        for i, c in enumerate(cats):
+            if not isinstance(c["id"], int) or isinstance(c["id"], bool):
+                raise DataError(f"{self.ann_file}: categories[{i}] has id {c['id']!r}; category ids must be integers")
+            if not isinstance(c["name"], str):
+                raise DataError(f"{self.ann_file}: categories[{i}] (id {c['id']}) has name {c['name']!r}; category "
+                                "names must be strings")
         cat_ids = sorted(c["id"] for c in cats)
         if len(set(cat_ids)) != len(cat_ids):
             raise DataError(f"{self.ann_file}: duplicate category ids in 'categories'")
@@ -280,9 +292,13 @@ class CocoDataset(torch.utils.data.Dataset):
             if img["id"] in by_id:
                 raise DataError(f"{self.ann_file}: duplicate image id {img['id']!r}")
             by_id[img["id"]] = img
-            if not all(isinstance(img[k], int) and img[k] > 0 for k in ("width", "height")):
+            if not all(isinstance(img[k], int) and not isinstance(img[k], bool) and img[k] > 0
+                       for k in ("width", "height")):
                 raise DataError(f"{self.ann_file}: image {img['id']!r} ({img['file_name']}) has a bad size "
                                 f"{img['width']!r}x{img['height']!r}")
+            if not isinstance(img["file_name"], str):
+                raise DataError(f"{self.ann_file}: image {img['id']!r} has file_name {img['file_name']!r}; file names "
+                                "must be strings")
         per_image: dict[Any, list[dict]] = {i: [] for i in by_id}
         seen_ids: set = set()
         for ann in anns:
@@ -292,7 +308,7 @@ class CocoDataset(torch.utils.data.Dataset):
                               problems)
                     continue
                 seen_ids.add(ann["id"])
-            image = by_id.get(ann.get("image_id"))
+            image = by_id.get(ann.get("image_id")) if _is_id(ann.get("image_id")) else None
             if image is None:
                 self._bad("unknown_image", f"{self.ann_file}: annotation {ann.get('id', '?')}: image id "
                           f"{ann.get('image_id')!r} is not in 'images'", problems)

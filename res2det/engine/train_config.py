@@ -7,26 +7,51 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
+import math
+import os
 import re
 import runpy
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import Res2DetError
-from ..overrides import apply_overrides
+from ..overrides import apply_overrides, coerce
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _check_types(config: Any) -> None:
+    """Every field holds its annotation's type, as ``--set`` checks it (ints do for floats, lists for tuples,
+    path objects for strings): a ``.py`` config builds its dataclasses directly."""
+    for f in dataclasses.fields(config):
+        value, hint = getattr(config, f.name), _hints(type(config))[f.name]
+        if isinstance(value, os.PathLike):
+            continue
+        try:
+            coerce(value, hint, f.name)
+        except Res2DetError:
+            raise Res2DetError(f"{type(config).__name__}.{f.name}: {value!r} is not a valid value (expected "
+                               f"{hint})") from None
 
 
 def _check(config: Any, **valid: bool) -> None:
-    """One clear error for the first field whose check failed (run whenever a config is built or edited)."""
+    """One clear error for the first field whose check failed (run whenever a config is built or edited, after
+    ``_check_types``)."""
     for name, ok in valid.items():
         if not ok:
             raise Res2DetError(f"{type(config).__name__}.{name}: {getattr(config, name)!r} is not a valid value "
                                f"({_RULES.get(name, 'see the field comment')})")
 
 
-_RULES = {"epochs": "at least 1", "gamma": "above 0", "base_lr": "above 0", "base_batch_size": "at least 1",
-          "momentum": "in [0, 1)", "weight_decay": "at least 0", "warmup_iters": "at least 0",
+_RULES = {"epochs": "at least 1", "gamma": "finite, above 0", "base_lr": "finite, above 0",
+          "base_batch_size": "at least 1", "momentum": "in [0, 1)", "weight_decay": "finite, at least 0",
+          "warmup_iters": "at least 0",
           "warmup_ratio": "in (0, 1]", "milestones": "epochs numbered from 1", "flip_prob": "a probability in [0, 1]",
           "num_workers": "at least 0", "scale": "None or two positive integers (long, short)",
           "train_scale_range": "None or (low, high) positive integers, low <= high", "on_bad": "'fail' or 'skip'",
@@ -34,7 +59,8 @@ _RULES = {"epochs": "at least 1", "gamma": "above 0", "base_lr": "above 0", "bas
           "on_nonfinite": "'stop' or 'skip'", "eval_every": "at least 0 (0: after the last epoch only)",
           "checkpoint_every": "at least 0 (0: at epoch ends only)", "keep_last": "at least 1",
           "log_every": "at least 1", "draw": "at least 0", "max_iters": "None or at least 1",
-          "device": "'auto', 'cpu', 'cuda' or 'cuda:N'"}
+          "device": "'auto', 'cpu', 'cuda' or 'cuda:N'", "seed": "an integer in [-2**63, 2**63)",
+          "backbone_init": "None or (classifier name, weights)"}
 
 
 @dataclass(frozen=True)
@@ -53,9 +79,10 @@ class Recipe:
     warmup_ratio: float = 0.001  # the first iteration runs at base_lr * warmup_ratio, rising linearly
 
     def __post_init__(self) -> None:
-        _check(self, epochs=self.epochs >= 1, gamma=self.gamma > 0, base_lr=self.base_lr > 0,
+        _check_types(self)
+        _check(self, epochs=self.epochs >= 1, gamma=0 < self.gamma < math.inf, base_lr=0 < self.base_lr < math.inf,
                base_batch_size=self.base_batch_size >= 1, momentum=0 <= self.momentum < 1,
-               weight_decay=self.weight_decay >= 0, warmup_iters=self.warmup_iters >= 0,
+               weight_decay=0 <= self.weight_decay < math.inf, warmup_iters=self.warmup_iters >= 0,
                warmup_ratio=0 < self.warmup_ratio <= 1,
                milestones=all(isinstance(m, int) and m >= 1 for m in self.milestones))
 
@@ -83,6 +110,7 @@ class DataConfig:
     num_workers: int = 2
 
     def __post_init__(self) -> None:
+        _check_types(self)
         pair = lambda v: v is None or (len(v) == 2 and all(isinstance(x, int) and x > 0 for x in v))  # noqa: E731
         _check(self, flip_prob=0 <= self.flip_prob <= 1, num_workers=self.num_workers >= 0, scale=pair(self.scale),
                train_scale_range=pair(self.train_scale_range) and (
@@ -116,13 +144,18 @@ class TrainConfig:
     device: str = "auto"  # 'auto' = cuda (the local rank's GPU) when available, else cpu
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check(self, batch_size=self.batch_size >= 1, amp=self.amp in ("none", "bf16", "fp16"),
                grad_clip=self.grad_clip is None or self.grad_clip > 0,
                on_nonfinite=self.on_nonfinite in ("stop", "skip"), eval_every=self.eval_every >= 0,
                checkpoint_every=self.checkpoint_every >= 0, keep_last=self.keep_last >= 1,
                log_every=self.log_every >= 1, draw=self.draw >= 0,
                max_iters=self.max_iters is None or self.max_iters >= 1,
-               device=re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)) is not None)
+               device=re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)) is not None,
+               seed=-2**63 <= self.seed < 2**63,  # what torch.manual_seed takes
+               backbone_init=self.backbone_init is None or (
+                   len(self.backbone_init) == 2 and isinstance(self.backbone_init[0], str)
+                   and isinstance(self.backbone_init[1], (str, os.PathLike))))
 
 
 # ----------------------------------------------------------------------------------------------------- presets
@@ -177,7 +210,8 @@ def load_config(name_or_path: str) -> TrainConfig:
         try:
             config = runpy.run_path(str(path)).get("config")
         except SyntaxError as e:
-            raise Res2DetError(f"{path}:{e.lineno}: syntax error in the config file: {e.msg}") from None
+            line = f":{e.lineno}" if e.lineno else ""
+            raise Res2DetError(f"{path}{line}: syntax error in the config file: {e.msg}") from None
         except SystemExit as e:
             raise Res2DetError(f"{path}: the config file exited (sys.exit({e.code!r})) instead of defining "
                                "`config`") from None

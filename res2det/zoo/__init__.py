@@ -114,8 +114,9 @@ def create_model(name: str, weights: str | None = None, *, weights_format: str |
                              f"{name} option (with the options recorded in {path})")
     try:
         model = spec.build(config)
-    except ValueError as e:
-        raise Res2DetError(f"{name}: bad config value: {e}") from None
+    except (ValueError, RuntimeError) as e:  # RuntimeError: torch refusing a layer size (a negative num_classes)
+        recorded = "" if loaded is None else f" (with the options recorded in {path})"
+        raise Res2DetError(f"{name}: bad config value{recorded}: {e}") from None
     model.model_name = name
     model.config = config
     if not hasattr(model, "preprocess"):  # classifiers; a detector's is part of its config

@@ -293,7 +293,7 @@ def test_infer_onnx_with_a_fixed_size_graph(tiny_model, tmp_path, capsys):
     ([TINY, "--size", "large"], "--size must be HEIGHTxWIDTH (e.g. 800x1333), got 'large'"),
     ([TINY, "--size", "320"], "--size must be HEIGHTxWIDTH"),
     ([TINY, "--size", "320x320", "--dynamic"], "give either --size HxW or --dynamic, not both"),
-    ([TINY, "--out", "{tmp}"], "is a folder; --out takes the path of the .onnx file"),
+    ([TINY, "--out", "{tmp}"], "is a folder; --out takes the path of a file to write"),
 ])
 def test_export_errors(args, message, tmp_path, capsys):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]

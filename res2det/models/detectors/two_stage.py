@@ -210,6 +210,9 @@ def build_roi_head(cfg: DetectorConfig) -> RoIHead:
     h, c, paddle = cfg.roi_head, cfg.neck.out_channels, cfg.conventions == "paddle"
     if not h.stages:
         raise ValueError("roi_head.stages needs at least one stage")
+    for name in ("num_classes", "roi_size", "fc_channels", "mask_roi_size", "mask_channels"):
+        if getattr(h, name) < 1:
+            raise ValueError(f"roi_head.{name} must be at least 1, got {getattr(h, name)}")
     cascade = len(h.stages) > 1 or h.htc is not None
     if paddle and cascade:
         raise ValueError("PaddleDetection's conventions are implemented for one-stage RoI heads only")
