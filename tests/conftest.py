@@ -96,3 +96,16 @@ def http_server(tmp_path):
     thread.start()
     yield served, f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_seeded(seeded_weights):
+    """The zoo's small Mask R-CNN (``mask_rcnn_r2_tiny_fpn``) with the reference recipe's seed-0 weights for its
+    own layout, in eval mode: spread-out scores and real masks (plain random initialisation gives near-ties
+    everywhere and empty masks)."""
+    import res2det
+
+    model = res2det.create_model("mask_rcnn_r2_tiny_fpn").eval()
+    layout = {k: list(v.shape) for k, v in model.state_dict().items()}
+    model.load_state_dict(seeded_weights.seeded_state_dict(layout, 0))
+    return model

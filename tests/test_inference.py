@@ -9,7 +9,6 @@ import warnings
 import pytest
 import torch
 
-import res2det
 import res2det.inference as inference
 from res2det.checkpoint import save_weights
 from res2det.cli.main import main
@@ -25,12 +24,8 @@ VAL = SHARED / "data" / "tiny_coco" / "val2017"
 
 
 @pytest.fixture(scope="module")
-def tiny(seeded_weights):
-    """The small zoo Mask R-CNN with seed-0 weights for its own layout (spread-out scores, real masks)."""
-    model = res2det.create_model(TINY).eval()
-    layout = {k: list(v.shape) for k, v in model.state_dict().items()}
-    model.load_state_dict(seeded_weights.seeded_state_dict(layout, 0))
-    return model
+def tiny(tiny_seeded):
+    return tiny_seeded
 
 
 def _matched(ref, got, score_thr: float = 0.3) -> float:

@@ -100,13 +100,8 @@ def match_detections(ref, got, *, max_per_img: int = 100, score_thr: float | Non
 
 
 @pytest.fixture(scope="module")
-def tiny_model(seeded_weights):
-    """The small zoo Mask R-CNN with the reference recipe's seed-0 weights for its own layout: spread-out
-    scores and real masks (plain random initialisation gives near-ties everywhere and empty masks)."""
-    model = res2det.create_model(TINY).eval()
-    layout = {k: list(v.shape) for k, v in model.state_dict().items()}
-    model.load_state_dict(seeded_weights.seeded_state_dict(layout, 0))
-    return model
+def tiny_model(tiny_seeded):
+    return tiny_seeded
 
 
 @pytest.fixture(scope="module")

@@ -20,11 +20,8 @@ from test_onnx import OTHER_PHOTO, TINY, match_detections  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def tiny(seeded_weights):
-    model = res2det.create_model(TINY).eval()
-    layout = {k: list(v.shape) for k, v in model.state_dict().items()}
-    model.load_state_dict(seeded_weights.seeded_state_dict(layout, 0))
-    return model
+def tiny(tiny_seeded):
+    return tiny_seeded
 
 
 def test_exported_once_checked_and_reused(tiny, tmp_path, monkeypatch):
