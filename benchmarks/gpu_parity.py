@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import io
-import json
 import sys
 from pathlib import Path
 
@@ -24,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import res2det  # noqa: E402
-from res2det.checkpoint import atomic_write  # noqa: E402
 from res2det.structures import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
+from backbone import write_json  # noqa: E402
 from shared_weights import SHARED, seeded_reference_weights  # noqa: E402
 
 MODELS = ["faster_rcnn_r2_101_fpn_2x_coco", "mask_rcnn_r2_101_fpn_2x_coco", "cascade_rcnn_r2_101_fpn_20e_coco",
@@ -63,9 +62,7 @@ def main(argv=None) -> list[dict]:
                          failures=fails[:10]))
         print(f"{name:40s} {'PASS' if ok else 'FAIL'}  {len(results[0]['boxes'])} detections"
               + ("".join(f"\n    {f}" for f in fails[:10]) if fails else ""))
-    if args.json:
-        text = json.dumps(rows, indent=2)
-        atomic_write(args.json, lambda tmp: Path(tmp).write_text(text))
+    write_json(args.json, rows)
     return rows
 
 

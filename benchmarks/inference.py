@@ -20,7 +20,6 @@ the ``<!-- inference-table:start/end -->`` block of that file with the table.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -35,13 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import res2det  # noqa: E402
 from res2det import inference  # noqa: E402
-from res2det.checkpoint import atomic_write  # noqa: E402
 from res2det.cli.benchmark import rewrite_block  # noqa: E402
 from res2det.errors import Res2DetError  # noqa: E402
 from res2det.images import detection_input, pad_batch, to_rgb_uint8  # noqa: E402
 from res2det.ops import box_iou  # noqa: E402
 from res2det.optimize import optimize_for_inference  # noqa: E402
 
+from backbone import write_json  # noqa: E402
 from shared_weights import SHARED, seeded_reference_weights  # noqa: E402
 
 MODELS = ["faster_rcnn_r2_101_fpn_2x_coco", "mask_rcnn_r2_101_fpn_2x_coco", "htc_r2_101_fpn_20e_coco"]
@@ -94,7 +93,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--readme", type=Path)
     ap.add_argument("--emulated", action="store_true", help="also time bf16 on a CPU without native bf16 (oneDNN "
-                    "emulates it: about 20x slower than fp32 for R2-101 on an AVX2-only CPU)")
+                    "emulates it: 26x slower than fp32 for the main-job model on an AVX2-only CPU, benchmarks/inference_ap.py)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -148,9 +147,7 @@ def main(argv=None) -> dict:
         print(f"{r['model']:32s} {r['path']:28s} {r['seconds']:8.2f} {r['speedup']:7.2f}x  {agree}")
     result = dict(rows=rows, cpu=cpu_name(), threads=torch.get_num_threads(), torch=torch.__version__,
                   rounds=args.rounds, photo=args.photo.name, native_bf16=native_bf16)
-    if args.json:
-        text = json.dumps(result, indent=2)
-        atomic_write(args.json, lambda tmp: Path(tmp).write_text(text))
+    write_json(args.json, result)
     if args.readme:
         rewrite_block(args.readme, "inference-table", markdown(result))
     return result

@@ -17,7 +17,6 @@ A fast path whose AP falls more than 0.01 below fp32 is not one to offer as is (
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -29,12 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from res2det import inference  # noqa: E402
-from res2det.checkpoint import atomic_write  # noqa: E402
 from res2det.engine.train_config import load_config  # noqa: E402
 from res2det.engine.trainer import build_dataset, model_preprocess  # noqa: E402
 from res2det.evaluation.coco_eval import coco_evaluate, to_coco_results  # noqa: E402
 from res2det.zoo import create_model  # noqa: E402
 
+from backbone import write_json  # noqa: E402
 from inference import cpu_name  # noqa: E402  (benchmarks/inference.py)
 
 
@@ -106,9 +105,7 @@ def main(argv=None) -> dict:
               + ("" if r["offered"] else "  (AP falls > 0.01: not offered as is)"))
     result = dict(rows=rows, cpu=cpu_name(), threads=torch.get_num_threads(), torch=torch.__version__,
                   config=args.config, weights=str(args.weights))
-    if args.json:
-        text = json.dumps(result, indent=2)
-        atomic_write(args.json, lambda tmp: Path(tmp).write_text(text))
+    write_json(args.json, result)
     return result
 
 
