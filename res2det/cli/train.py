@@ -128,8 +128,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     def common(p):
         p.add_argument("config", help="a preset (`shapes`, or a zoo detector name) or a .py file defining `config`")
         p.add_argument("--data", metavar="ROOT", help="COCO-format folder: annotations/instances_{split}.json, {split}/")
-        p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="edit config fields, e.g. recipe.epochs=1 "
-                       "batch_size=4 model.frozen_stages=0")
+        p.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE",
+                       help="edit config fields, e.g. recipe.epochs=1 batch_size=4 model.frozen_stages=0 (repeatable)")
         p.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU when there is one)")
         p.add_argument("--out", help="parent folder of the run folders (default: runs)")
 

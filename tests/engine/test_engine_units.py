@@ -83,6 +83,14 @@ def test_set_edits_typed_fields():
             apply_settings(cfg, [bad])
 
 
+
+def test_repeated_set_options_all_apply():
+    """`--set a=1 --set b=2` keeps both edits (a plain store action silently kept only the last one)."""
+    from res2det.cli.main import build_parser
+
+    args = build_parser().parse_args(["train", "shapes", "--set", "max_iters=30", "eval_every=0", "--set", "draw=0"])
+    assert args.set == ["max_iters=30", "eval_every=0", "draw=0"]
+
 def test_config_file_and_unknown_preset(tmp_path):
     path = tmp_path / "my.py"
     path.write_text(textwrap.dedent("""
