@@ -87,17 +87,19 @@ def main(argv=None) -> dict:
             repeats = repeats if args.repeats is None else args.repeats
             results = []
             for name in args.models:
-                for amp in (False, True) if args.amp else (False,):
+                amp_dtype = "fp16" if args.device == "cuda" else "bf16"
+                for precision in ("fp32", amp_dtype) if args.amp else ("fp32",):
                     options = ["--train-only", "--device", args.device, "--size", f"{size[0]}x{size[1]}",
-                               "--batch", str(batch), "--warmup", str(warmup), "--repeats", str(repeats)]
-                    options += ["--amp"] * amp + (["--threads", str(args.threads)] if args.threads else [])
-                    print(f"{name} {'AMP' if amp else 'fp32'}: batch {batch}, {size[0]}x{size[1]}, {args.device}",
+                               "--batch", str(batch), "--warmup", str(warmup), "--repeats", str(repeats),
+                               "--precision", precision]
+                    options += ["--threads", str(args.threads)] if args.threads else []
+                    print(f"{name} {precision}: batch {batch}, {size[0]}x{size[1]}, {args.device}",
                           file=sys.stderr, flush=True)
                     r = run_isolated(name, options)
                     if "error" in r:  # label the failed row like the others
-                        r.update(device=args.device, dtype=("fp16" if args.device == "cuda" else "bf16") if amp else "fp32")
+                        r.update(device=args.device, dtype=precision)
                     results.append(r)
-            meta = dict(run_meta(args.device, False), batch=batch, warmup=warmup, repeats=repeats)
+            meta = dict(run_meta(args.device, "fp32", "fp32"), batch=batch, warmup=warmup, repeats=repeats)
             meta.update(threads=args.threads or torch.get_num_threads())
             data = {"meta": meta, "results": results}
             text = markdown([data])

@@ -27,7 +27,9 @@ How the figures are made (the same text is in ``res2det benchmark --help`` and t
   zero_grad, forward with synthetic targets, backward, step) in train mode with the model's frozen stages and
   BN settings; four boxes per image with box masks (and an HTC semantic map). Median step time after warm-up,
   images/s = batch / median, peak memory as above.
-* ``--amp``: ``torch.autocast`` in bfloat16 on CPU, float16 on CUDA (training: with a ``GradScaler``).
+* ``--precision bf16|fp16``: ``torch.autocast`` in that dtype (training fp16: with a ``GradScaler``), as
+  ``predict(precision=)`` runs it: a dtype the device has no instructions for falls back to fp32 with a warning,
+  and the JSON's ``dtype`` is what ran (``precision`` what was asked).
 """
 from __future__ import annotations
 
@@ -201,8 +203,11 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def autocast(device: str, amp: bool):
-    return torch.autocast(device, dtype=torch.float16 if device == "cuda" else torch.bfloat16, enabled=amp)
+def autocast(device: str, dtype: torch.dtype | None):
+    return torch.autocast(device, dtype=dtype, enabled=dtype is not None)
+
+
+_DTYPE_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def time_calls(fn: Callable[[], Any], *, warmup: int, repeats: int, device: str, desc: str,
@@ -257,9 +262,10 @@ def synthetic_targets(config, x: torch.Tensor, sizes: list) -> list[dict[str, to
 
 
 def measure_training(name: str, *, device: str = "cpu", size: tuple[int, int] | None = None, batch: int = 1,
-                     amp: bool = False, warmup: int = 1, repeats: int = 3, baseline: int | None = None,
-                     progress: bool = True) -> dict[str, Any]:
-    """Median time and peak memory of one training step of zoo model ``name`` (see the module docstring)."""
+                     dtype: torch.dtype | None = None, warmup: int = 1, repeats: int = 3,
+                     baseline: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Median time and peak memory of one training step of zoo model ``name`` (see the module docstring),
+    under autocast to ``dtype`` (None: fp32)."""
     from .zoo import get_spec
 
     spec = get_spec(name)
@@ -275,12 +281,12 @@ def measure_training(name: str, *, device: str = "cpu", size: tuple[int, int] | 
     lr = 0.02 * batch / 16
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9,
                                 weight_decay=1e-4)
-    scaler = torch.amp.GradScaler("cuda") if amp and device == "cuda" else None
+    scaler = torch.amp.GradScaler(device) if dtype == torch.float16 else None
     last: dict[str, torch.Tensor] = {}
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with autocast(device, amp):
+        with autocast(device, dtype):
             if targets is None:
                 losses = {"loss_cls": F.cross_entropy(model(x).float(), labels)}
             else:
@@ -325,7 +331,7 @@ def check_device(device: str) -> None:
                            f"{', a CPU-only build' if torch.version.cuda is None else ', no GPU visible'})")
 
 
-def check_options(*, device: str, amp: bool, optimize: str, batch: int, warmup: int | None,
+def check_options(*, device: str, precision: str, optimize: str, batch: int, warmup: int | None,
                   repeats: int | None) -> tuple[int, int]:
     """Validate the options (one clear error each); returns (warm-up, timed) calls with the device defaults."""
     check_device(device)
@@ -333,8 +339,10 @@ def check_options(*, device: str, amp: bool, optimize: str, batch: int, warmup: 
         raise Res2DetError(f"--batch must be >= 1, got {batch}")
     if optimize not in ("none", "fuse", "select"):
         raise Res2DetError(f"--optimize must be none, fuse or select, got {optimize!r}")
-    if optimize == "select" and (device != "cpu" or amp):
-        raise Res2DetError("--optimize select measures CPU fp32 kernels: use it on --device cpu without --amp")
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise Res2DetError(f"--precision must be fp32, bf16 or fp16, got {precision!r}")
+    if optimize == "select" and (device != "cpu" or precision != "fp32"):
+        raise Res2DetError("--optimize select measures CPU fp32 kernels: use it on --device cpu in fp32")
     default_warmup, default_repeats = DEFAULT_RUNS[device]
     warmup = default_warmup if warmup is None else warmup
     repeats = default_repeats if repeats is None else repeats
@@ -343,34 +351,38 @@ def check_options(*, device: str, amp: bool, optimize: str, batch: int, warmup: 
     return warmup, repeats
 
 
-def run_meta(device: str, amp: bool) -> dict[str, Any]:
-    return dict(device=device, device_name=device_name(device), amp=amp,
-                dtype=("fp16" if device == "cuda" else "bf16") if amp else "fp32",
+def run_meta(device: str, precision: str, dtype: str) -> dict[str, Any]:
+    """The run's context; ``dtype`` is what ran (``inference.autocast_dtype``), ``precision`` what was asked."""
+    return dict(device=device, device_name=device_name(device), precision=precision, dtype=dtype,
                 threads=torch.get_num_threads(), torch=torch.__version__, res2det=__version__,
                 python=platform.python_version(), cuda=torch.version.cuda if device == "cuda" else None,
                 date=datetime.date.today().isoformat())
 
 
 def benchmark_model(name: str, *, device: str = "cpu", size: tuple[int, int] | None = None, batch: int = 1,
-                    amp: bool = False, train: bool = False, train_only: bool = False, warmup: int | None = None,
-                    repeats: int | None = None, optimize: str = "fuse", progress: bool = True) -> dict[str, Any]:
+                    precision: str = "fp32", train: bool = False, train_only: bool = False,
+                    warmup: int | None = None, repeats: int | None = None, optimize: str = "fuse",
+                    progress: bool = True) -> dict[str, Any]:
     """Benchmark one zoo model; returns the JSON record (see the module docstring for the methods)."""
+    from .inference import autocast_dtype
     from .optimize import optimize_for_inference
     from .utils.complexity import count_params
     from .zoo import get_spec
 
     spec = get_spec(name)
-    warmup, repeats = check_options(device=device, amp=amp, optimize=optimize, batch=batch, warmup=warmup,
-                                    repeats=repeats)
+    warmup, repeats = check_options(device=device, precision=precision, optimize=optimize, batch=batch,
+                                    warmup=warmup, repeats=repeats)
+    dtype = autocast_dtype(precision, device)
     size = size or default_size(spec)
     baseline = rss_bytes()
     say = (lambda msg: print(f"[{name}] {msg}", file=sys.stderr, flush=True)) if progress else (lambda msg: None)
 
-    say(f"building ({spec.task}, {size[0]}x{size[1]}, batch {batch}, {device}{', amp' if amp else ''})")
+    say(f"building ({spec.task}, {size[0]}x{size[1]}, batch {batch}, {device}, {_DTYPE_NAMES[dtype]})")
     model = build_model(name, device).eval()
     x, sizes = make_input(spec, size, batch, device)
     result: dict[str, Any] = dict(
-        model=name, task=spec.task, origin=spec.origin, **run_meta(device, amp), batch=batch, size=list(size),
+        model=name, task=spec.task, origin=spec.origin, **run_meta(device, precision, _DTYPE_NAMES[dtype]),
+        batch=batch, size=list(size),
         input_shape=list(x.shape), params=count_params(model), gflops_convention=GFLOPS_CONVENTION)
     result["params_m"] = result["params"] / 1e6
     say("counting conv + linear multiply-adds (one forward pass)")
@@ -390,7 +402,7 @@ def benchmark_model(name: str, *, device: str = "cpu", size: tuple[int, int] | N
         result.update(optimize=optimize, optimize_s=time.perf_counter() - start)
 
         def infer() -> None:
-            with torch.inference_mode(), autocast(device, amp):
+            with torch.inference_mode(), autocast(device, dtype):
                 _call(run_model, x, sizes)
 
         with PeakMemory(device, baseline) as mem:
@@ -406,8 +418,8 @@ def benchmark_model(name: str, *, device: str = "cpu", size: tuple[int, int] | N
     gc.collect()
     if train or train_only:
         say("training step")
-        result["train"] = measure_training(name, device=device, size=size, batch=batch, amp=amp, warmup=warmup,
-                                           repeats=repeats, baseline=baseline, progress=progress)
+        result["train"] = measure_training(name, device=device, size=size, batch=batch, dtype=dtype,
+                                           warmup=warmup, repeats=repeats, baseline=baseline, progress=progress)
     return result
 
 

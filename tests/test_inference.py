@@ -157,3 +157,92 @@ def test_resume_needs_json_lines(folder, tmp_path, capsys):
     assert "--resume continues a JSON-lines --out FILE.jsonl" in one_error_line(capsys)
     assert main(["infer", "--model", TINY, str(folder), "--workers", "-1"]) == 2
     assert "--workers must be 0 or more" in one_error_line(capsys)
+
+
+# ------------------------------------------------------------------------------------------ COCO results
+SHAPE_CLASSES = ("circle", "square", "triangle")
+
+
+@pytest.fixture(scope="module")
+def shapes_val(tmp_path_factory):
+    from res2det.data import shapes_splits
+
+    return shapes_splits(tmp_path_factory.mktemp("shapes"), num_train=1, num_val=4, image_size=96)
+
+
+@pytest.fixture()
+def shapes_weights(tiny, tmp_path):
+    path = tmp_path / "shapes.safetensors"
+    save_weights(tiny, path, model_name=TINY, options={"class_names": list(SHAPE_CLASSES)})
+    return str(path)
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools under numpy 2
+def test_coco_json_evaluates_as_res2det_test_does(shapes_val, shapes_weights, tmp_path, capsys, monkeypatch):
+    """`infer --coco-json P --ann A`: COCO results files whose AP equals the evaluator's (`res2det test`) on the
+    same images (the same pre-processing and post-processing), and that an interrupted, resumed run rebuilds
+    whole."""
+    import res2det
+    from res2det.data import CocoDataset
+    from res2det.evaluation.coco_eval import coco_evaluate
+    from res2det.evaluation.evaluator import evaluate_model
+
+    prefix, out = tmp_path / "res", tmp_path / "dets.jsonl"
+    args = ["infer", "--model", TINY, "--weights", shapes_weights, str(shapes_val.val_dir), "--out", str(out),
+            "--coco-json", str(prefix), "--ann", str(shapes_val.val_ann)]
+    assert main(args) == 0
+    assert f"COCO results written to {prefix}.segm.json" in capsys.readouterr().out
+    bbox = json.loads((tmp_path / "res.bbox.json").read_text())
+    segm = json.loads((tmp_path / "res.segm.json").read_text())
+    records = _lines(out)
+    assert len(bbox) == len(segm) == sum(len(r["detections"]) for r in records) > 0
+    assert {b["category_id"] for b in bbox} <= {1, 2, 3} and {b["image_id"] for b in bbox} <= {1, 2, 3, 4}
+
+    model = res2det.create_model(TINY, weights=shapes_weights)
+    dataset = CocoDataset(shapes_val.val_ann, shapes_val.val_dir, train=False, preprocess=model.preprocess)
+    expected = evaluate_model(model, dataset, progress=False)
+    for kind, results in (("bbox", bbox), ("segm", segm)):
+        got = coco_evaluate(dataset.coco, results, kind).metrics
+        assert got[f"{kind}_AP"] == pytest.approx(expected[f"{kind}_AP"], abs=1e-6)
+        assert got[f"{kind}_AP50"] == pytest.approx(expected[f"{kind}_AP50"], abs=1e-6)
+
+    original = TwoStageDetector.iter_predict
+
+    def interrupted(self, *a, **k):  # killed while the third image runs
+        for n, item in enumerate(original(self, *a, **k)):
+            if n == 2:
+                raise KeyboardInterrupt
+            yield item
+
+    for f in (out, tmp_path / "res.bbox.json", tmp_path / "res.segm.json"):
+        f.unlink()
+    monkeypatch.setattr(TwoStageDetector, "iter_predict", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    monkeypatch.setattr(TwoStageDetector, "iter_predict", original)
+    assert main(args + ["--resume"]) == 0
+    assert json.loads((tmp_path / "res.bbox.json").read_text()) == bbox
+
+
+def test_coco_ids_from_file_names_or_annotations(shapes_val, shapes_weights, tmp_path, capsys):
+    from res2det.cli.main import _coco_ids
+    from res2det.zoo.mmdetection import COCO_CATEGORY_IDS, COCO_CLASSES
+
+    image_ids, cat_ids = _coco_ids(None, ["val/000000397133.jpg"], COCO_CLASSES)
+    assert image_ids == {"val/000000397133.jpg": 397133} and cat_ids == list(COCO_CATEGORY_IDS)
+    image_ids, cat_ids = _coco_ids(str(shapes_val.val_ann), ["elsewhere/000002.png"], SHAPE_CLASSES[::-1])
+    assert image_ids == {"elsewhere/000002.png": 2} and cat_ids == [3, 2, 1]  # by name, not by position
+    with pytest.raises(Res2DetError, match="photo.jpg: --coco-json needs an image id"):
+        _coco_ids(None, ["photo.jpg"], COCO_CLASSES)
+    with pytest.raises(Res2DetError, match="not COCO's; pass --ann"):
+        _coco_ids(None, ["000001.png"], SHAPE_CLASSES)
+    with pytest.raises(Res2DetError, match="no category named 'hexagon'"):
+        _coco_ids(str(shapes_val.val_ann), [str(shapes_val.val_dir / "000001.png")], ("circle", "hexagon", "x"))
+    stray = tmp_path / "999999.png"
+    shutil.copy(shapes_val.val_dir / "000001.png", stray)
+    base = ["infer", "--model", TINY, "--weights", shapes_weights, str(stray), "--coco-json", str(tmp_path / "r")]
+    assert main(base + ["--ann", str(shapes_val.val_ann)]) == 2
+    assert "999999.png: not an image of" in one_error_line(capsys)
+    assert main(["infer", "--model", TINY, str(stray), "--ann", str(shapes_val.val_ann)]) == 2
+    assert "--ann goes with --coco-json" in one_error_line(capsys)
+    assert not list(tmp_path.glob("r.*.json"))

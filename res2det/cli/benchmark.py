@@ -207,7 +207,7 @@ def run_isolated(name: str, options: list[str]) -> dict[str, Any]:
 
 
 def run_all(models: list[str], *, device: str = "cpu", det_size: tuple[int, int] | None = None, batch: int = 1,
-            amp: bool = False, train: bool = False, train_only: bool = False, warmup: int | None = None,
+            precision: str = "fp32", train: bool = False, train_only: bool = False, warmup: int | None = None,
             repeats: int | None = None, optimize: str = "fuse", threads: int | None = None,
             progress: bool = True) -> list[dict[str, Any]]:
     """Benchmark each model in a fresh process (``run_isolated``), with progress lines on stderr."""
@@ -219,8 +219,8 @@ def run_all(models: list[str], *, device: str = "cpu", det_size: tuple[int, int]
         spec = get_spec(name)
         size = det_size if (det_size and is_detector(spec)) else default_size(spec)
         options = ["--device", device, "--size", f"{size[0]}x{size[1]}", "--batch", str(batch),
-                   "--optimize", optimize]
-        options += ["--amp"] * amp + ["--train"] * train + ["--train-only"] * train_only
+                   "--optimize", optimize, "--precision", precision]
+        options += ["--train"] * train + ["--train-only"] * train_only
         options += ["--no-progress"] * (not progress)
         for flag, value in (("--warmup", warmup), ("--repeats", repeats), ("--threads", threads)):
             if value is not None:
@@ -272,7 +272,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", help="input HEIGHTxWIDTH, e.g. 800x1333 (default: the model's own: 224x224 for "
                    "classifiers, 800x1333 for the COCO detectors)")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--amp", action="store_true", help="autocast: bfloat16 on CPU, float16 on CUDA")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="autocast dtype, as `res2det infer --precision` (falls back to fp32 with a warning where "
+                   "the device has no native instructions for it)")
     p.add_argument("--train", action="store_true", help="also time one training step (SGD, synthetic targets)")
     p.add_argument("--train-only", action="store_true", help="time only the training step")
     p.add_argument("--warmup", type=int, help="untimed calls first (default 1 on CPU, 5 on CUDA)")
@@ -323,29 +325,31 @@ def cmd_benchmark(args) -> None:
         return
 
     size = parse_size(args.size) if args.size else None
-    warmup, repeats = check_options(device=args.device, amp=args.amp, optimize=args.optimize, batch=args.batch,
-                                    warmup=args.warmup, repeats=args.repeats)
+    warmup, repeats = check_options(device=args.device, precision=args.precision, optimize=args.optimize,
+                                    batch=args.batch, warmup=args.warmup, repeats=args.repeats)
     if args.threads is not None:
         if args.threads < 1:
             raise Res2DetError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    meta = dict(run_meta(args.device, args.amp), batch=args.batch, optimize=args.optimize, warmup=warmup,
-                repeats=repeats)
 
     if args.model:
         get_spec(args.model)
-        results = [benchmark_model(args.model, device=args.device, size=size, batch=args.batch, amp=args.amp,
-                                   train=args.train, train_only=args.train_only, warmup=args.warmup,
-                                   repeats=args.repeats, optimize=args.optimize, progress=not args.no_progress)]
+        results = [benchmark_model(args.model, device=args.device, size=size, batch=args.batch,
+                                   precision=args.precision, train=args.train, train_only=args.train_only,
+                                   warmup=args.warmup, repeats=args.repeats, optimize=args.optimize, progress=not args.no_progress)]
     else:
         names = list(MODELS)
         if args.models:
             for n in args.models:
                 get_spec(n)
             names = [n for n in names if n in args.models]
-        results = run_all(names, device=args.device, det_size=size, batch=args.batch, amp=args.amp,
-                          train=args.train, train_only=args.train_only, warmup=args.warmup, repeats=args.repeats,
+        results = run_all(names, device=args.device, det_size=size, batch=args.batch,
+                          precision=args.precision, train=args.train, train_only=args.train_only,
+                          warmup=args.warmup, repeats=args.repeats,
                           optimize=args.optimize, threads=args.threads, progress=not args.no_progress)
+    ran = next((r["dtype"] for r in results if "dtype" in r), "fp32")  # a reduced precision may fall back
+    meta = dict(run_meta(args.device, args.precision, ran), batch=args.batch, optimize=args.optimize,
+                warmup=warmup, repeats=repeats)
     data = {"meta": meta, "results": results}
     print(terminal_table(results))
     if args.json:

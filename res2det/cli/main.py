@@ -6,6 +6,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -91,6 +92,60 @@ def _detection_record(image: str, det) -> dict:
     return {"file": str(image), "width": det.width, "height": det.height, "detections": dets}
 
 
+def _coco_ids(ann: str | None, images: list[str], class_names: tuple[str, ...]) -> tuple[dict[str, Any], list]:
+    """(image path -> COCO image id, contiguous label -> category id) for ``--coco-json``: from ``--ann`` (by
+    file name and by category name), else numeric file stems (``000000397133.jpg`` -> 397133) and COCO's own
+    category ids for a model with COCO's 80 classes."""
+    from ..zoo.mmdetection import COCO_CATEGORY_IDS, COCO_CLASSES
+
+    if ann is not None:
+        from ..data.coco_dataset import coco_ids
+
+        by_name, cats = coco_ids(ann)
+        missing = [n for n in class_names if n not in cats]
+        if missing:
+            raise Res2DetError(f"{ann}: no category named {', '.join(map(repr, missing[:5]))} (the model's classes "
+                               f"must be the annotation file's categories)")
+        cat_ids = [cats[n] for n in class_names]
+    elif tuple(class_names) == COCO_CLASSES:
+        cat_ids = list(COCO_CATEGORY_IDS)
+    else:
+        raise Res2DetError("--coco-json: the model's classes are not COCO's; pass --ann ANNOTATIONS.json to map "
+                           "them to category ids")
+    image_ids = {}
+    for image in images:
+        name = Path(image).name
+        if ann is not None:
+            if name not in by_name:
+                raise Res2DetError(f"{image}: not an image of {ann} (no file_name {name!r})")
+            image_ids[image] = by_name[name]
+        elif Path(image).stem.isdigit():
+            image_ids[image] = int(Path(image).stem)
+        else:
+            raise Res2DetError(f"{image}: --coco-json needs an image id: a numeric file name, or --ann "
+                               "ANNOTATIONS.json that lists the image")
+    return image_ids, cat_ids
+
+
+def _write_coco_json(prefix: str, records: list[dict], image_ids: dict[str, Any], cat_ids: list, *,
+                     with_masks: bool) -> None:
+    """``PREFIX.bbox.json`` (and ``PREFIX.segm.json`` for masks) in COCO's results format from ``--out``
+    records, for ``COCOeval`` (segm records carry no bbox, see ``to_coco_results``)."""
+    from ..evaluation.coco_eval import to_coco_results, write_results_json
+
+    results: dict[str, list[dict]] = {"bbox": [], "segm": []}
+    for r in records:
+        dets = r["detections"]
+        boxes = torch.tensor([d["bbox"] for d in dets], dtype=torch.float64).reshape(-1, 4)
+        bbox, _ = to_coco_results(image_ids[r["file"]], boxes, [d["score"] for d in dets], [d["label"] for d in dets],
+                                  label_to_cat_id=cat_ids)
+        results["bbox"] += bbox
+        results["segm"] += [{"image_id": b["image_id"], "category_id": b["category_id"], "score": b["score"],
+                             "segmentation": d["mask"]} for b, d in zip(bbox, dets) if "mask" in d]
+    for kind in ("bbox", "segm") if with_masks else ("bbox",):
+        write_results_json(results[kind], f"{prefix}.{kind}.json")
+        print(f"COCO results written to {prefix}.{kind}.json")
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
 
@@ -160,6 +215,11 @@ def cmd_infer(args) -> None:
         check_output(args.out, "--out")
     if args.draw:
         check_output(args.draw, "--draw", folder=True)
+    if args.ann and not args.coco_json:
+        raise Res2DetError("--ann goes with --coco-json PREFIX")
+    for kind in ("bbox", "segm") if args.coco_json else ():
+        check_output(f"{args.coco_json}.{kind}.json", "--coco-json")
+    all_images = images
     if args.resume and Path(args.out).exists():
         done = _done_files(Path(args.out))
         images = [i for i in images if str(i) not in done]
@@ -177,10 +237,12 @@ def cmd_infer(args) -> None:
             from ..deploy import onnx_backend
 
             model = onnx_backend(model, model_name=args.model, check_image=images[0])
+    if args.coco_json:  # ids checked before any image runs
+        image_ids, cat_ids = _coco_ids(args.ann, all_images, tuple(model.class_names))
     draw_dir = Path(args.draw) if args.draw else None
     draw_thr = 0.3 if args.score_thr is None else args.score_thr
     options = {} if onnx_runtime else {"precision": args.precision, "batch_size": args.batch_size}
-    records, drawn, count, start = [], set(), 0, time.perf_counter()
+    records, drawn, count, start, with_masks = [], set(), 0, time.perf_counter(), False
     if jsonl and not args.resume:
         atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text(""))
     bar = tqdm(total=len(images), unit="img", disable=not sys.stderr.isatty(), dynamic_ncols=True)
@@ -189,11 +251,12 @@ def cmd_infer(args) -> None:
                                                   **options):
             bar.update()
             count += 1
+            with_masks = det.instance_masks is not None
             top = ", ".join(f"{c} {s:.2f}" for c, s in zip(det.categories[:3], det.scores[:3].tolist()))
             bar.write(f"{image}: {det.width}x{det.height}, {len(det)} detections" + (f" (top: {top})" if top else ""))
             if jsonl:  # one line per image, on disk before the next image starts
                 append_text(args.out, json.dumps(_detection_record(image, det)) + "\n")
-            elif args.out:
+            elif args.out or args.coco_json:
                 records.append(_detection_record(image, det))
             if draw_dir is not None:
                 stem, n = Path(image).stem, 1
@@ -214,6 +277,12 @@ def cmd_infer(args) -> None:
         atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     if args.out:
         print(f"detections written to {args.out}")
+    if args.coco_json:  # from every record, those of an earlier interrupted run included
+        if jsonl:
+            records = [json.loads(line) for line in Path(args.out).read_text(encoding="utf-8").splitlines()]
+            records = [r for r in records if r["file"] in image_ids]
+        with_masks = with_masks or any("mask" in d for r in records for d in r["detections"])
+        _write_coco_json(args.coco_json, records, image_ids, cat_ids, with_masks=with_masks)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -258,6 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "interruption loses nothing; see --resume), any other name one JSON list at the end; masks as "
                    "COCO RLE")
     p.add_argument("--resume", action="store_true", help="with --out FILE.jsonl: skip the images already in it")
+    p.add_argument("--coco-json", metavar="PREFIX", help="also write COCO results files PREFIX.bbox.json (and "
+                   "PREFIX.segm.json) for evaluation; image ids from numeric file names or --ann")
+    p.add_argument("--ann", metavar="FILE", help="with --coco-json: the COCO file whose image file names and "
+                   "category names give the ids")
     p.add_argument("--draw", metavar="DIR", help="save each image with its detections drawn as DIR/<stem>.png")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders (their images) or glob "
                    "patterns ('photos/**/*.jpg')")

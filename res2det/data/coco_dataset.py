@@ -209,6 +209,22 @@ def _entries(data: dict, key: str, path: Path, fields: Sequence[str], *, require
     return entries
 
 
+def coco_ids(ann_file: str | os.PathLike) -> tuple[dict[str, Any], dict[str, int]]:
+    """(image file name -> image id, category name -> category id) of a COCO file: what a results file for it
+    needs (``res2det infer --coco-json --ann``). File names are matched by their last component."""
+    path = Path(ann_file)
+    data = _read_json(path)
+    images = _entries(data, "images", path, ("id", "file_name"))
+    cats = _entries(data, "categories", path, ("id", "name"))
+    by_name: dict[str, Any] = {}
+    for img in images:
+        name = Path(str(img["file_name"])).name
+        if name in by_name:
+            raise DataError(f"{path}: two images named {name!r} (ids {by_name[name]!r} and {img['id']!r})")
+        by_name[name] = img["id"]
+    return by_name, {str(c["name"]): c["id"] for c in cats}
+
+
 class CocoDataset(torch.utils.data.Dataset):
     """A COCO instances file with its images, as samples for ``res2det.data.loader.collate``.
 

@@ -23,6 +23,9 @@ COCO_CLASSES = (
     "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
     "hair drier", "toothbrush",
 )
+# COCO's category ids of those classes, in order (the 2017 annotation files skip 11 of 1..90)
+COCO_CATEGORY_IDS = (*range(1, 12), *range(13, 26), 27, 28, *range(31, 45), *range(46, 66), 67, 70, *range(72, 83),
+                     *range(84, 91))
 
 
 # mmdet -> res2det renames. Every key must match exactly one rule; anything else is an error, never dropped.
@@ -137,4 +140,4 @@ register(
     )
 )
 
-__all__ = ["COCO_CLASSES", "DETECTION_PREPROCESS", "mmdet_to_res2det"]
+__all__ = ["COCO_CLASSES", "COCO_CATEGORY_IDS", "DETECTION_PREPROCESS", "mmdet_to_res2det"]

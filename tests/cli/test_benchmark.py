@@ -80,6 +80,27 @@ def test_detector_full_load_and_train(tmp_path):
     assert r["train"]["step_ms"] > 0
 
 
+def test_precision_runs_what_predict_would(tmp_path, capsys):
+    """`--precision bf16` autocasts where the CPU has bf16 instructions; elsewhere it times fp32 and says so
+    (one warning line), and the JSON records both what was asked and what ran."""
+    import warnings
+
+    from res2det.inference import PrecisionFallback, autocast_dtype
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        expected = "fp32" if autocast_dtype("bf16", "cpu") is None else "bf16"
+    out = tmp_path / "r.json"
+    assert main(["benchmark", CLASSIFIER, "--size", "48x64", "--precision", "bf16", "--train", "--json", str(out),
+                 *FAST]) == 0
+    data = json.loads(out.read_text())
+    (r,) = data["results"]
+    assert (r["precision"], r["dtype"]) == ("bf16", expected) and data["meta"]["dtype"] == expected
+    assert r["train"]["step_ms"] > 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "no native bf16" in line]
+    assert len(warned) == (expected == "fp32") * 1 == len([w for w in caught if w.category is PrecisionFallback])
+
+
 @pytest.mark.parametrize("argv, message", [
     (["benchmark", "res2net_nope"], "unknown model"),
     (["benchmark", CLASSIFIER, "--size", "64by64"], "--size"),
@@ -166,7 +187,7 @@ def test_all_subset_writes_json_and_readme(tmp_path):
 
 
 def _run(device: str, dtype: str, model: str, latency: float) -> dict:
-    meta = dict(device=device, device_name="dev", amp=dtype != "fp32", dtype=dtype, threads=2, torch="2", res2det="0",
+    meta = dict(device=device, device_name="dev", precision=dtype, dtype=dtype, threads=2, torch="2", res2det="0",
                 cuda="12" if device == "cuda" else None, date="2026-01-01", batch=1, optimize="fuse", warmup=1,
                 repeats=3)
     result = dict(meta, model=model, task="classification", size=[224, 224], params_m=25.0, gflops=4.2,

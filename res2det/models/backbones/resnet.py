@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ...ops import ModulatedDeformConv2d
+from .. import weight_init
 from .res2net import Bottle2neck
 
 STAGE_DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
@@ -166,6 +167,11 @@ class ResNet(nn.Module):
         self.num_features = channels[-1]
         if num_classes > 0:
             self.fc = nn.Linear(channels[-1], num_classes)
+        # the official Res2Net's and mmdetection's initialisation; DCN layers keep mmcv's (zero offsets)
+        weight_init.kaiming_(m for m in self.modules() if isinstance(m, nn.Conv2d))
+        for m in self.modules():
+            if isinstance(m, ModulatedDeformConv2d):
+                m.reset_parameters()
         self._freeze_stages()
 
     def stages(self) -> list[nn.Sequential]:

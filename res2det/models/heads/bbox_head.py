@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...ops import at_least_fp32
+from .. import weight_init
 from ..losses import accuracy
 from .box_coder import DeltaXYWHBBoxCoder
 from .post_processing import multiclass_nms
@@ -36,6 +37,9 @@ class Shared2FCBBoxHead(nn.Module):
         self.shared_fcs = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims[:-1], dims[1:]))
         self.fc_cls = nn.Linear(dims[-1], num_classes + 1)
         self.fc_reg = nn.Linear(dims[-1], 4 if self.reg_class_agnostic else 4 * num_classes)
+        weight_init.xavier_(self.shared_fcs)
+        weight_init.normal_([self.fc_cls], std=0.01)
+        weight_init.normal_([self.fc_reg], std=0.001)
         self.bbox_coder = DeltaXYWHBBoxCoder(stds=target_stds)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...ops import MultiLevelRoIAlign, at_least_fp32
+from .. import weight_init
 from .cascade_roi_head import CascadeRoIHead
 from .mask_head import FCNMaskHead
 
@@ -33,6 +34,7 @@ class HTCMaskHead(FCNMaskHead):
                          num_classes=num_classes)
         # mmdet: conv_out -> conv_out channels; to the input width here so that in_channels may differ
         self.conv_res = nn.Conv2d(conv_channels, in_channels, 1) if with_conv_res else None
+        weight_init.kaiming_([self.conv_res] if with_conv_res else [])
 
     def forward(self, x: Tensor, res_feat: Tensor | None = None, *, return_logits: bool = True,
                 return_feat: bool = True) -> Any:
@@ -72,6 +74,7 @@ class FusedSemanticHead(nn.Module):
         self.convs = nn.ModuleList(nn.Conv2d(i, o, 3, padding=1) for i, o in zip(chans[:-1], chans[1:]))
         self.conv_embedding = nn.Conv2d(conv_channels, conv_channels, 1)
         self.conv_logits = nn.Conv2d(conv_channels, num_classes, 1)
+        weight_init.kaiming_([*self.lateral_convs, *self.convs, self.conv_embedding, self.conv_logits])
 
     def forward(self, feats: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """(segmentation logits ``[B, num_classes, h, w]``, embedding ``[B, C, h, w]``) at the fusion level."""

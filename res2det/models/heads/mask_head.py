@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from ... import ops
 from ...structures import InstanceMasks
+from .. import weight_init
 
 
 class FCNMaskHead(nn.Module):
@@ -21,6 +22,7 @@ class FCNMaskHead(nn.Module):
         self.convs = nn.ModuleList(nn.Conv2d(i, o, 3, padding=1) for i, o in zip(chans[:-1], chans[1:]))
         self.upsample = nn.ConvTranspose2d(chans[-1], conv_channels, 2, stride=2)
         self.conv_logits = nn.Conv2d(conv_channels, num_classes, 1)
+        weight_init.kaiming_([*self.convs, self.upsample, self.conv_logits])
 
     def forward(self, x: Tensor) -> Tensor:
         for conv in self.convs:

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ...ops import at_least_fp32
 from ...ops.onnx_ops import exporting
+from .. import weight_init
 from .anchors import AnchorGenerator
 from .bbox_head import l1_loss
 from .box_coder import DeltaXYWHBBoxCoder
@@ -60,6 +61,7 @@ class RPNHead(nn.Module):
         self.rpn_conv = nn.Conv2d(in_channels, feat_channels, 3, padding=1)
         self.rpn_cls = nn.Conv2d(feat_channels, a, 1)
         self.rpn_reg = nn.Conv2d(feat_channels, a * 4, 1)
+        weight_init.normal_([self.rpn_conv, self.rpn_cls, self.rpn_reg], std=0.01)
 
     def forward(self, feats: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         """Per level: objectness logits ``[B, A, H, W]`` and deltas ``[B, 4A, H, W]``."""

@@ -6,6 +6,8 @@ from typing import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import weight_init
+
 
 class FPN(nn.Module):
     """1x1 lateral convs and 3x3 output convs (with bias, no norm/activation) over C2..C5, a nearest-neighbour
@@ -25,6 +27,7 @@ class FPN(nn.Module):
         self.num_outs = num_outs
         self.lateral_convs = nn.ModuleList(nn.Conv2d(c, out_channels, 1) for c in in_channels)
         self.fpn_convs = nn.ModuleList(nn.Conv2d(out_channels, out_channels, 3, padding=1) for _ in in_channels)
+        weight_init.xavier_([*self.lateral_convs, *self.fpn_convs])
 
     def forward(self, feats: Sequence[Tensor]) -> list[Tensor]:
         if len(feats) != len(self.in_channels):
