@@ -57,3 +57,38 @@ def test_generate_proposals_pixel_offset():
                                      pre_nms_top_n=50, post_nms_top_n=20, nms_thresh=0.7)
     torch.testing.assert_close(scores, t("gp_probs").reshape(-1), rtol=0, atol=1e-6)
     torch.testing.assert_close(boxes, t("gp_rois"), rtol=1e-5, atol=1e-3)
+
+
+CV2 = np.load(Path(__file__).resolve().parent / "fixtures" / "paddle_static" / "cv2_resize.npz")
+
+
+@pytest.mark.parametrize("name", ["up", "down"])
+def test_float_resize_is_opencvs(name):
+    from res2det.models.heads.paddle_static_conventions import cv2_resize_linear
+
+    image, ref = torch.from_numpy(CV2["pre_image"]), torch.from_numpy(CV2[f"pre_{name}"])
+    s = float(CV2[f"pre_{name}_scale"])
+    got = cv2_resize_linear(image.permute(2, 0, 1), ref.shape[:2], (1 / s, 1 / s)).permute(1, 2, 0)
+    # the same taps and weights; OpenCV's own float arithmetic differs by <= 1e-5 on these N(0, 1) values
+    torch.testing.assert_close(got, ref, rtol=0, atol=2e-5)
+
+
+def test_static_preprocess_normalises_before_resizing():
+    from res2det.models.heads.paddle_static_conventions import cv2_resize_linear, static_preprocess, static_scale
+
+    assert static_scale(480, 640) == 800 / 480 and static_scale(400, 1300) == 1333 / 1300
+    rgb = torch.randint(0, 256, (48, 64, 3), dtype=torch.uint8)
+    out, scale = static_preprocess(rgb, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), short=60, long=100)
+    assert scale == 60 / 48 and out.shape == (3, 60, 80)
+    resized_first = cv2_resize_linear(rgb.permute(2, 0, 1).float(), (60, 80), (48 / 60, 64 / 80))
+    assert not torch.allclose(out, (resized_first / 255 - 0.45) / 0.225, atol=1e-3)  # the order matters
+
+
+def test_mask_pasting_of_that_era():
+    from res2det.models.heads.paddle_static_conventions import static_paste_masks
+
+    got = static_paste_masks(torch.from_numpy(CV2["mask_probs"]), torch.from_numpy(CV2["mask_boxes"]),
+                             CV2["mask_size"].tolist())
+    ref = torch.from_numpy(CV2["mask_out"]).bool()
+    assert ref.any(dim=(1, 2))[:3].all()
+    assert (got != ref).sum() == 0

@@ -6,8 +6,8 @@ so widths, centres, areas and IoUs carry a +1 (an IoU of this kind is the usual 
 ``x2`` and ``y2``). Each function is checked against the Paddle 3.3.1 kernel that implements the rule
 (tests/fixtures/paddle_static/make_era_fixtures.py).
 
-Not yet done (issue #15): the heads and the detector that apply these rules end to end (pre-processing,
-proposal merging over levels, box post-processing in original pixels, mask pasting) and the zoo rows.
+Not yet done (issue #15): the heads and the detector that apply these rules end to end (proposal merging over
+levels, box post-processing in original pixels) and the zoo rows.
 """
 from __future__ import annotations
 
@@ -117,5 +117,75 @@ def static_proposals(scores: Tensor, deltas: Tensor, anchors: Tensor, image_size
     return boxes[keep], s[keep]
 
 
+def static_scale(height: int, width: int, short: int = 800, long: int = 1333) -> float:
+    """The era's ``ResizeImage`` scale: ``short / min(h, w)``, or ``long / max(h, w)`` when that would make the
+    long side round above ``long``."""
+    scale = short / min(height, width)
+    if round(scale * max(height, width)) > long:
+        scale = long / max(height, width)
+    return scale
+
+
+def _linear_taps(out_size: int, in_size: int, src_per_dst: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """OpenCV's INTER_LINEAR taps along one axis: (first index, second index, weight of first, of second)."""
+    f = ((torch.arange(out_size, dtype=torch.float64) + 0.5) * src_per_dst - 0.5).to(torch.float32)
+    i0 = torch.floor(f)
+    f = f - i0
+    i0 = i0.long()
+    edge = (i0 < 0) | (i0 >= in_size - 1)  # OpenCV takes the border pixel with weight 1 there
+    f = torch.where(edge, torch.zeros_like(f), f)
+    i0 = i0.clamp(0, in_size - 1)
+    return i0, (i0 + 1).clamp(max=in_size - 1), 1 - f, f
+
+
+def cv2_resize_linear(image: Tensor, out_size: Sequence[int], src_per_dst: Sequence[float] | None = None
+                      ) -> Tensor:
+    """``cv2.resize(..., INTER_LINEAR)`` of a float ``[..., H, W]`` tensor to ``out_size`` (h, w): half-pixel
+    centres, border pixels repeated, no antialiasing, horizontal then vertical pass in float32.
+    ``src_per_dst`` (y, x) is OpenCV's mapping scale: ``1 / fx`` when it was called with ``fx`` / ``fy``,
+    else (default) input size / output size."""
+    h, w = image.shape[-2:]
+    oh, ow = int(out_size[0]), int(out_size[1])
+    sy, sx = src_per_dst if src_per_dst is not None else (h / oh, w / ow)
+    x0, x1, a0, a1 = _linear_taps(ow, w, sx)
+    y0, y1, b0, b1 = _linear_taps(oh, h, sy)
+    rows = image[..., x0] * a0 + image[..., x1] * a1
+    return rows[..., y0, :] * b0[:, None] + rows[..., y1, :] * b1[:, None]
+
+
+def static_preprocess(rgb: Tensor, mean: Sequence[float], std: Sequence[float], *, short: int = 800,
+                      long: int = 1333) -> tuple[Tensor, float]:
+    """The era's pre-processing of an ``[H, W, 3]`` uint8 RGB image: ``/ 255``, normalised with ``mean`` /
+    ``std`` (in 0..1 units), **then** resized by ``static_scale`` as ``cv2.resize(fx=scale, fy=scale)``
+    does -> (``[3, h, w]`` float32, scale). Padding is the caller's."""
+    x = (rgb.to(torch.float32) / 255 - torch.tensor(mean, dtype=torch.float32)) / torch.tensor(std,
+                                                                                              dtype=torch.float32)
+    height, width = rgb.shape[:2]
+    scale = static_scale(height, width, short, long)
+    out = (round(height * scale), round(width * scale))
+    return cv2_resize_linear(x.permute(2, 0, 1), out, (1 / scale, 1 / scale)), scale
+
+
+def static_paste_masks(probs: Tensor, boxes: Tensor, image_size: Sequence[int], threshold: float = 0.5) -> Tensor:
+    """The era's mask pasting: each ``M x M`` probability map padded by one zero pixel on every side, its box
+    expanded by ``(M + 2) / M`` about the centre and truncated to int, resized (``cv2_resize_linear``) to the
+    expanded box's +1 size, ``> threshold``, placed into an ``H x W`` image -> bool ``[K, H, W]``."""
+    m = probs.shape[-1]
+    h, w = int(image_size[0]), int(image_size[1])
+    out = torch.zeros(probs.shape[0], h, w, dtype=torch.bool)
+    scale = (m + 2.0) / m
+    b = boxes.to(torch.float64)
+    half_w, half_h = (b[:, 2] - b[:, 0]) * 0.5 * scale, (b[:, 3] - b[:, 1]) * 0.5 * scale
+    cx, cy = (b[:, 2] + b[:, 0]) * 0.5, (b[:, 3] + b[:, 1]) * 0.5
+    expanded = torch.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], 1).trunc().long().tolist()
+    padded = torch.nn.functional.pad(probs.to(torch.float32), (1, 1, 1, 1))
+    for k, (x0, y0, x1, y1) in enumerate(expanded):
+        mask = cv2_resize_linear(padded[k], (max(y1 - y0 + 1, 1), max(x1 - x0 + 1, 1))) > threshold
+        cx0, cx1 = min(max(x0, 0), w), min(max(x1 + 1, 0), w)
+        cy0, cy1 = min(max(y0, 0), h), min(max(y1 + 1, 0), h)
+        out[k, cy0:cy1, cx0:cx1] = mask[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
+    return out
+
+
 __all__ = ["static_anchors", "static_decode", "static_levels", "plus_one_nms", "static_multiclass_nms",
-           "static_proposals"]
+           "static_proposals", "static_scale", "cv2_resize_linear", "static_preprocess", "static_paste_masks"]
