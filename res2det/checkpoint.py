@@ -153,6 +153,10 @@ def read_weights(path: str | os.PathLike) -> tuple[StateDict, dict]:
     'module.' prefix are removed.
     """
     path = Path(path)
+    if path.is_dir() or (path.suffix == ".tar" and path.is_file()):  # PaddlePaddle static graph: variable files
+        from .fluid import read_fluid
+
+        return read_fluid(path), {"format": "paddle-static"}
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
     with open(path, "rb") as f:

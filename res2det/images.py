@@ -73,6 +73,42 @@ def normalize(rgb: np.ndarray, pre: Preprocess) -> torch.Tensor:
     return (x - torch.tensor(pre.mean).view(3, 1, 1)) / torch.tensor(pre.std).view(3, 1, 1)
 
 
+def paddle_static_scale(height: int, width: int, short: int = 800, long: int = 1333) -> float:
+    """PaddleDetection's static-graph ``ResizeImage`` scale: ``short / min(h, w)``, or ``long / max(h, w)`` when
+    the long side would round above ``long``."""
+    scale = short / min(height, width)
+    if round(scale * max(height, width)) > long:
+        scale = long / max(height, width)
+    return scale
+
+
+def _float_linear_taps(out_size: int, in_size: int, src_per_dst: float) -> tuple[torch.Tensor, ...]:
+    """OpenCV's INTER_LINEAR taps along one axis: (first index, second index, weight of first, of second)."""
+    f = ((torch.arange(out_size, dtype=torch.float64) + 0.5) * src_per_dst - 0.5).to(torch.float32)
+    i0 = torch.floor(f)
+    f = f - i0
+    i0 = i0.long()
+    edge = (i0 < 0) | (i0 >= in_size - 1)  # OpenCV takes the border pixel with weight 1 there
+    f = torch.where(edge, torch.zeros_like(f), f)
+    i0 = i0.clamp(0, in_size - 1)
+    return i0, (i0 + 1).clamp(max=in_size - 1), 1 - f, f
+
+
+def resize_linear_float(image: torch.Tensor, out_size: Sequence[int],
+                        src_per_dst: Sequence[float] | None = None) -> torch.Tensor:
+    """``cv2.resize(..., INTER_LINEAR)`` of a float ``[..., H, W]`` tensor to ``out_size`` (h, w): half-pixel
+    centres, border pixels repeated, no antialiasing, horizontal then vertical pass in float32.
+    ``src_per_dst`` (y, x) is OpenCV's mapping scale: ``1 / fx`` when it is called with ``fx`` / ``fy``, else
+    (default) input size / output size."""
+    h, w = image.shape[-2:]
+    oh, ow = int(out_size[0]), int(out_size[1])
+    sy, sx = src_per_dst if src_per_dst is not None else (h / oh, w / ow)
+    x0, x1, a0, a1 = _float_linear_taps(ow, w, sx)
+    y0, y1, b0, b1 = _float_linear_taps(oh, h, sy)
+    rows = image[..., x0] * a0 + image[..., x1] * a1
+    return rows[..., y0, :] * b0[:, None] + rows[..., y1, :] * b1[:, None]
+
+
 def classification_input(image: ImageLike, pre: Preprocess) -> torch.Tensor:
     """The ImageNet eval transform: resize the short side to size/crop_pct (bilinear), centre-crop, normalise."""
     img = Image.fromarray(to_rgb_uint8(image))
@@ -131,7 +167,8 @@ def resize_bilinear(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
 
 def detection_input(rgb: np.ndarray, pre: Preprocess, *, fit: tuple[int, int] | None = None
                     ) -> tuple[torch.Tensor, tuple[float, float]]:
-    """mmdetection's test pipeline for one HxWx3 uint8 RGB image: keep-ratio resize to fit the
+    """mmdetection's test pipeline for one HxWx3 uint8 RGB image (``pre.pipeline`` 'paddle_static': that era's,
+    see ``paddle_static_scale``): keep-ratio resize to fit the
     ``pre.input_size`` (short, long) bounds, then normalise. ``fit=(H, W)`` (a fixed-size graph's input) also
     scales an image that would not fit down until it does (mmcv's rounding). Returns ``(3 x h' x w' tensor,
     (w'/w, h'/h))``, the per-axis scale factors that map original pixels to input pixels. Padding is done per
@@ -139,6 +176,12 @@ def detection_input(rgb: np.ndarray, pre: Preprocess, *, fit: tuple[int, int] | 
     h, w = rgb.shape[:2]
     if h < 1 or w < 1:
         raise Res2DetError(f"empty image of size {w}x{h}")
+    if pre.pipeline == "paddle_static":  # normalise, then cv2.resize(fx=scale, fy=scale) of the float image
+        if fit is not None:
+            raise Res2DetError("a fixed input size is not supported with PaddleDetection's static-graph pipeline")
+        scale = paddle_static_scale(h, w, *pre.input_size)
+        x = resize_linear_float(normalize(rgb, pre), (round(h * scale), round(w * scale)), (1 / scale, 1 / scale))
+        return x, (scale, scale)
     new_w, new_h = rescale_size(w, h, pre.input_size)
     if fit is not None and (new_h > fit[0] or new_w > fit[1]):
         scale = min(fit[1] / w, fit[0] / h)

@@ -24,6 +24,7 @@ from .images import ImageLike, detection_input, image_list, pad_batch, to_rgb_ui
 from .loading import Loader
 from .models.heads.box_coder import clip_boxes
 from .models.heads.mask_head import paste_mask_crops
+from .models.heads.paddle_static_conventions import static_paste_masks
 from .structures import Detections, InstanceMasks, Preprocess
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -74,21 +75,23 @@ def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | 
     raise Res2DetError(f"reduced precision on {device.type} is not supported; use precision='fp32'")
 
 
-# (padded batch [N, 3, H, W], unpadded sizes (h, w)) -> per image dict(boxes, scores, labels[, mask_probs]) in
-# input pixels: ``TwoStageDetector.detect(..., paste_masks=False)`` or an exported graph.
-DetectFn = Callable[[Tensor, list[tuple[int, int]]], Sequence[Mapping[str, Tensor]]]
+# (padded batch [N, 3, H, W], unpadded sizes (h, w), per image {scale_factor, orig_size}) -> per image
+# dict(boxes, scores, labels[, mask_probs]) in input pixels: ``TwoStageDetector.detect(..., paste_masks=False)``
+# or an exported graph.
+DetectFn = Callable[[Tensor, list[tuple[int, int]], list[dict]], Sequence[Mapping[str, Tensor]]]
 
 
 def postprocess(result: Mapping[str, Tensor], *, scale_factor: Sequence[float], orig_size: Sequence[int],
-                mask_thr: float = 0.5, paste_clipped_boxes: bool = False, score_thr: float | None = None
+                mask_thr: float = 0.5, mask_paste: str = "mmdet", score_thr: float | None = None
                 ) -> tuple[Tensor, Tensor, Tensor, InstanceMasks | None]:
     """One image's detections in input pixels -> ``(boxes, scores, labels, masks)`` on the CPU in the original
     image's pixels, by decreasing score; ``masks`` an ``InstanceMasks`` when ``result`` has ``mask_probs``.
 
     ``scale_factor`` is ``(sx, sy)``, input pixels per original pixel; ``orig_size`` is ``(H, W)``. Boxes are
     divided by the scale factors and clipped to the image; masks are pasted (bilinear, ``>= mask_thr``) at the
-    original size from the unclipped boxes (mmdetection) or, with ``paste_clipped_boxes`` (PaddleDetection),
-    from the clipped ones. ``score_thr`` keeps only detections scoring at least that much.
+    original size from the unclipped boxes (``mask_paste`` 'mmdet') or from the clipped ones ('paddle',
+    PaddleDetection 2.6), or by the static-graph era's rule ('paddle_static': ``static_paste_masks``,
+    ``> mask_thr``). ``score_thr`` keeps only detections scoring at least that much.
     """
     if "masks" in result and "mask_probs" not in result:
         raise ValueError("postprocess needs the mask probabilities: call detect(..., paste_masks=False)")
@@ -101,10 +104,12 @@ def postprocess(result: Mapping[str, Tensor], *, scale_factor: Sequence[float], 
     if score_thr is not None:
         order = order[scores[order] >= score_thr]
     boxes, scores, labels = boxes[order], scores[order], labels[order]
-    if paste_clipped_boxes:
+    if mask_paste == "paddle":
         boxes = clip_boxes(boxes, size)
     masks = None
-    if probs is not None:
+    if probs is not None and mask_paste == "paddle_static":
+        masks = static_paste_masks(probs[order], boxes, size, mask_thr)
+    elif probs is not None:
         masks = paste_mask_crops(probs[order], boxes, size, mask_thr).cpu()
     return clip_boxes(boxes, size).cpu(), scores.cpu(), labels.cpu(), masks
 
@@ -125,7 +130,7 @@ class _Prepared(Dataset):
 
 
 def iter_predict(detect: DetectFn, images: ImageLike | Sequence[ImageLike], *, preprocess: Preprocess,
-                 class_names: Sequence[str], mask_thr: float = 0.5, paste_clipped_boxes: bool = False,
+                 class_names: Sequence[str], mask_thr: float = 0.5, mask_paste: str = "mmdet",
                  score_thr: float | None = None, batch_size: int = 1, input_size: tuple[int, int] | None = None,
                  num_workers: int = 0) -> Iterator[tuple[ImageLike, np.ndarray, Detections]]:
     """``(image, its HxWx3 uint8 pixels, Detections)`` per image, in order, as each batch is done.
@@ -133,7 +138,8 @@ def iter_predict(detect: DetectFn, images: ImageLike | Sequence[ImageLike], *, p
     Images go through ``detection_input`` with ``preprocess`` (in ``num_workers`` background processes while
     the model runs, if above 0) and are padded to a multiple of 32 per batch of ``batch_size``, or to exactly
     ``input_size = (H, W)`` (an exported graph's fixed input; an image whose resized size does not fit is
-    scaled down to fit). ``mask_thr``, ``paste_clipped_boxes`` and ``score_thr`` are ``postprocess``'s.
+    scaled down to fit). ``mask_thr``, ``mask_paste`` and ``score_thr`` are ``postprocess``'s. ``detect`` gets
+    each image's ``scale_factor`` and ``orig_size`` too (heads that post-process in original pixels need them).
     """
     if batch_size < 1:
         raise Res2DetError(f"batch_size must be at least 1, got {batch_size}")
@@ -143,10 +149,11 @@ def iter_predict(detect: DetectFn, images: ImageLike | Sequence[ImageLike], *, p
                     collate_fn=list)
     for samples in loader:
         batch = pad_batch([x for _, _, x, _ in samples], size=input_size)
-        results = detect(batch, [tuple(x.shape[-2:]) for _, _, x, _ in samples])
+        results = detect(batch, [tuple(x.shape[-2:]) for _, _, x, _ in samples],
+                         [{"scale_factor": scale, "orig_size": rgb.shape[:2]} for _, rgb, _, scale in samples])
         for (i, rgb, _, scale), result in zip(samples, results):
             boxes, scores, labels, masks = postprocess(result, scale_factor=scale, orig_size=rgb.shape[:2],
-                                                       mask_thr=mask_thr, paste_clipped_boxes=paste_clipped_boxes,
+                                                       mask_thr=mask_thr, mask_paste=mask_paste,
                                                        score_thr=score_thr)
             yield items[i], rgb, Detections(
                 boxes=boxes, scores=scores, labels=labels,

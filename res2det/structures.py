@@ -21,6 +21,9 @@ class Preprocess:
     input_size: tuple[int, int] = (224, 224)  # (H, W); detectors: the (short, long) resize bounds
     crop_pct: float | None = 0.875
     interpolation: str = "bilinear"
+    # detectors: 'mmdet' resizes the uint8 image (mmcv's keep-ratio rule), then normalises; 'paddle_static'
+    # (PaddleDetection's static-graph era) normalises, then resizes the float image by its own scale rule
+    pipeline: str = "mmdet"
 
 
 # mmdetection's detection input: RGB, ImageNet mean/std on 0..255 pixels, keep-ratio resize to fit (800, 1333)

@@ -16,6 +16,8 @@ import torch
 from res2det.errors import CheckpointError
 from res2det.fluid import parse_variable, read_fluid, write_variable
 
+from fluid_names import static_names
+
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "fluid"
 VARS = FIXTURES / "vars"
 EXPECTED = json.loads((FIXTURES / "expected.json").read_text())
@@ -102,28 +104,6 @@ def test_parse_rejects_huge_lod_and_unknown_dtype():
 
 
 # ------------------------------------------------------------------------------- static-graph key map
-def static_names(variant: str, mask: bool, dcn: bool) -> list[str]:
-    """The variable names of a static-graph PaddleDetection Res2Net-50 R-CNN, from PADDLE_STATIC.md's rules."""
-    def conv(name: str) -> list[str]:
-        bn = "bn_conv1" if name == "conv1" else "bn" + name[3:]
-        return [f"{name}_weights"] + [f"{bn}_{leaf}" for leaf in ("scale", "offset", "mean", "variance")]
-
-    names = [n for c in (["conv1"] if variant == "vb" else ["conv1_1", "conv1_2", "conv1_3"]) for n in conv(c)]
-    for stage, blocks in zip(range(2, 6), (3, 4, 6, 3)):
-        for j in range(blocks):
-            block = f"res{stage}{'abcdef'[j]}"
-            for branch in ["branch2a", "branch2b_1", "branch2b_2", "branch2b_3", "branch2c"] + ["branch1"] * (j == 0):
-                names += conv(f"{block}_{branch}")
-                if dcn and stage >= 3 and branch.startswith("branch2b"):
-                    names += [f"{block}_{branch}_conv_offset.w_0", f"{block}_{branch}_conv_offset.b_0"]
-    heads = ["fpn_inner_res5_sum", *(f"fpn_inner_res{s}_sum_lateral" for s in (4, 3, 2)),
-             *(f"fpn_res{s}_sum" for s in (5, 4, 3, 2)), "conv_rpn_fpn2", "rpn_cls_logits_fpn2",
-             "rpn_bbox_pred_fpn2", "fc6", "fc7", "cls_score", "bbox_pred"]
-    if mask:
-        heads += [f"mask_inter_feat_{i}" for i in range(1, 5)] + ["conv5_mask", "mask_fcn_logits"]
-    return names + [f"{h}_{leaf}" for h in heads for leaf in ("w", "b")]
-
-
 STATIC_ROWS = [("vb", False, False, 455), ("vb", True, False, 467), ("vd", True, False, 477), ("vd", True, True, 555)]
 
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from res2det import ops
-from res2det.models.heads.paddle_static_conventions import (static_anchors, static_decode, static_levels,
-                                                             static_multiclass_nms, static_proposals)
+from res2det.models.heads.paddle_static_conventions import (static_anchors, static_decode, static_multiclass_nms,
+                                                             static_proposals)
+from res2det.ops.roi_extract import paddle_static_roi_levels
 
 FX = np.load(Path(__file__).resolve().parent / "fixtures" / "paddle_static" / "era_kernels.npz")
 
@@ -34,7 +35,8 @@ def test_box_coder_decode_unnormalised():
 
 
 def test_distribute_fpn_proposals_levels():
-    assert static_levels(t("dist_rois")).tolist() == FX["dist_level"].tolist()
+    rois = torch.cat([torch.zeros(len(FX["dist_rois"]), 1), t("dist_rois")], 1)
+    assert (paddle_static_roi_levels(rois) + 2).tolist() == FX["dist_level"].tolist()
 
 
 def test_roi_align_unaligned_sampling_2():
@@ -64,7 +66,7 @@ CV2 = np.load(Path(__file__).resolve().parent / "fixtures" / "paddle_static" / "
 
 @pytest.mark.parametrize("name", ["up", "down"])
 def test_float_resize_is_opencvs(name):
-    from res2det.models.heads.paddle_static_conventions import cv2_resize_linear
+    from res2det.images import resize_linear_float as cv2_resize_linear
 
     image, ref = torch.from_numpy(CV2["pre_image"]), torch.from_numpy(CV2[f"pre_{name}"])
     s = float(CV2[f"pre_{name}_scale"])
@@ -73,22 +75,25 @@ def test_float_resize_is_opencvs(name):
     torch.testing.assert_close(got, ref, rtol=0, atol=2e-5)
 
 
-def test_static_preprocess_normalises_before_resizing():
-    from res2det.models.heads.paddle_static_conventions import cv2_resize_linear, static_preprocess, static_scale
+def test_static_pipeline_normalises_before_resizing():
+    from res2det.images import detection_input, paddle_static_scale, resize_linear_float
+    from res2det.zoo.paddledetection_static import STATIC_PREPROCESS
 
-    assert static_scale(480, 640) == 800 / 480 and static_scale(400, 1300) == 1333 / 1300
-    rgb = torch.randint(0, 256, (48, 64, 3), dtype=torch.uint8)
-    out, scale = static_preprocess(rgb, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), short=60, long=100)
-    assert scale == 60 / 48 and out.shape == (3, 60, 80)
-    resized_first = cv2_resize_linear(rgb.permute(2, 0, 1).float(), (60, 80), (48 / 60, 64 / 80))
-    assert not torch.allclose(out, (resized_first / 255 - 0.45) / 0.225, atol=1e-3)  # the order matters
+    assert paddle_static_scale(480, 640) == 800 / 480 and paddle_static_scale(400, 1300) == 1333 / 1300
+    rgb = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    out, scale = detection_input(rgb, STATIC_PREPROCESS)
+    assert scale == (800 / 48, 800 / 48) and out.shape == (3, 800, 1067)
+    resized_first = resize_linear_float(torch.from_numpy(rgb).permute(2, 0, 1).float(), out.shape[-2:],
+                                        (48 / 800, 48 / 800))
+    mean, std = torch.tensor(STATIC_PREPROCESS.mean)[:, None, None], torch.tensor(STATIC_PREPROCESS.std)[:, None, None]
+    torch.testing.assert_close(out, (resized_first - mean) / std, rtol=0, atol=1e-4)  # linear: the same to rounding
 
 
 def test_mask_pasting_of_that_era():
     from res2det.models.heads.paddle_static_conventions import static_paste_masks
 
     got = static_paste_masks(torch.from_numpy(CV2["mask_probs"]), torch.from_numpy(CV2["mask_boxes"]),
-                             CV2["mask_size"].tolist())
+                             CV2["mask_size"].tolist()).to_tensor()
     ref = torch.from_numpy(CV2["mask_out"]).bool()
     assert ref.any(dim=(1, 2))[:3].all()
     assert (got != ref).sum() == 0

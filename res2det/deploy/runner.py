@@ -108,8 +108,10 @@ class OnnxDetector:
         self.class_names = self.info.class_names
         self.output_names = [o.name for o in self.session.get_outputs()]
 
-    def detect(self, batch: torch.Tensor, sizes: list[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
-        """``TwoStageDetector.detect(..., paste_masks=False)`` through the graph, one image at a time."""
+    def detect(self, batch: torch.Tensor, sizes: list[tuple[int, int]], metas: list[dict] | None = None
+               ) -> list[dict[str, torch.Tensor]]:
+        """``TwoStageDetector.detect(..., paste_masks=False)`` through the graph, one image at a time (``metas``
+        unused: exported graphs work in input pixels)."""
         results = []
         for image, (h, w) in zip(batch, sizes):
             outputs = self.session.run(None, {"image": image[None].numpy(),

@@ -14,10 +14,14 @@ def scaled_lr(recipe: Recipe, total_batch_size: int) -> float:
     return recipe.base_lr * total_batch_size / recipe.base_batch_size
 
 
-def build_optimizer(model: nn.Module, recipe: Recipe, total_batch_size: int) -> torch.optim.SGD:
+def build_optimizer(model: nn.Module, recipe: Recipe, total_batch_size: int) -> torch.optim.Optimizer:
+    """``recipe.optimizer``: SGD with momentum (the published recipes), or AdamW (betas (momentum, 0.999),
+    decoupled weight decay) for training from scratch."""
     params = [p for p in model.parameters() if p.requires_grad]  # frozen stages take no step
-    return torch.optim.SGD(params, lr=scaled_lr(recipe, total_batch_size), momentum=recipe.momentum,
-                           weight_decay=recipe.weight_decay)
+    lr = scaled_lr(recipe, total_batch_size)
+    if recipe.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=(recipe.momentum, 0.999), weight_decay=recipe.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
 
 
 def lr_factor(iteration: int, iters_per_epoch: int, recipe: Recipe) -> float:

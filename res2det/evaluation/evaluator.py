@@ -74,7 +74,9 @@ def evaluate_model(model: nn.Module, dataset: Any, *, batch_size: int = 1, devic
             bar = tqdm(loader, desc="evaluate", unit="batch",
                        disable=not (progress and rank == 0 and sys.stderr.isatty()))
             for images, sizes, metas in bar:
-                for r, meta in zip(net.detect(images.to(param.device, param.dtype), sizes, paste_masks=False), metas):
+                detections = net.detect(images.to(param.device, param.dtype), sizes, paste_masks=False,
+                                        image_metas=metas)
+                for r, meta in zip(detections, metas):
                     boxes, scores, labels, masks = net.postprocess(r, scale_factor=meta["scale_factor"],
                                                                    orig_size=meta["orig_size"])
                     image_id = int(meta["image_id"])

@@ -35,6 +35,21 @@ def paddle_roi_levels(rois: Tensor, min_level: int = 2, max_level: int = 5,
     return (lvls.clamp(min=min_level, max=max_level) - min_level).long()
 
 
+def paddle_static_roi_levels(rois: Tensor, min_level: int = 2, max_level: int = 5, refer_level: int = 4,
+                             refer_scale: float = 224.0) -> Tensor:
+    """PaddleDetection's static-graph ``distribute_fpn_proposals(pixel_offset=True)``, as an index from 0: the
+    +1 area ``(w + 1)(h + 1)`` (0 for an inverted box), ``floor(log2(sqrt(area) / refer_scale + 1e-6) +
+    refer_level)`` clamped to the levels."""
+    w, h = _wh(rois)
+    valid = (w >= 0) & (h >= 0)
+    scale = torch.sqrt(torch.where(valid, (w + 1) * (h + 1), torch.zeros_like(w)))
+    lvls = torch.floor(torch.log2(scale / refer_scale + 1e-6) + refer_level)
+    return (lvls.clamp(min=min_level, max=max_level) - min_level).long()
+
+
+_LEVEL_RULES = {"paddle": paddle_roi_levels, "paddle_static": paddle_static_roi_levels}
+
+
 class MultiLevelRoIAlign(nn.Module):
     """RoIAlign over FPN levels (mmdet ``SingleRoIExtractor`` without roi scaling).
 
@@ -45,9 +60,9 @@ class MultiLevelRoIAlign(nn.Module):
 
     def __init__(self, *, output_size: int, featmap_strides: Sequence[int], sampling_ratio: int = 0,
                  aligned: bool = True, finest_scale: int = 56,
-                 level_mapping: Literal["mmdet", "paddle"] = "mmdet") -> None:
+                 level_mapping: Literal["mmdet", "paddle", "paddle_static"] = "mmdet") -> None:
         super().__init__()
-        if level_mapping not in ("mmdet", "paddle"):
+        if level_mapping not in ("mmdet", "paddle", "paddle_static"):
             raise ValueError(f"unknown level_mapping {level_mapping!r}")
         self.output_size = int(output_size)
         self.featmap_strides = tuple(int(s) for s in featmap_strides)
@@ -65,7 +80,7 @@ class MultiLevelRoIAlign(nn.Module):
             return map_roi_levels(rois, self.num_levels, self.finest_scale)
         # Paddle names levels by log2(stride): stride 4 is P2.
         min_level = round(math.log2(self.featmap_strides[0]))
-        return paddle_roi_levels(rois, min_level=min_level, max_level=min_level + self.num_levels - 1)
+        return _LEVEL_RULES[self.level_mapping](rois, min_level=min_level, max_level=min_level + self.num_levels - 1)
 
     def forward(self, feats: Sequence[Tensor], rois: Tensor) -> Tensor:
         out_size = self.output_size

@@ -14,6 +14,7 @@ from ..overrides import apply_overrides
 from . import imagenet  # noqa: F401  (registers the ImageNet models)
 from . import mmdetection  # noqa: F401
 from . import paddledetection  # noqa: F401
+from . import paddledetection_static  # noqa: F401
 from . import mmdetection_cascade  # noqa: F401
 from .registry import MODELS, ModelSpec, Preprocess, PublishedWeights, register
 
@@ -31,7 +32,7 @@ def get_spec(name: str) -> ModelSpec:
     return MODELS[name]
 
 
-SOURCES = ("official", "timm", "torchvision", "mmdet", "paddle")
+SOURCES = ("official", "timm", "torchvision", "mmdet", "paddle", "paddle-static")
 
 
 def _resolve_weights(spec: ModelSpec, weights: str) -> tuple[str, str | None]:

@@ -19,27 +19,6 @@ from .mmdetection import COCO_CLASSES
 from .registry import ModelSpec, Preprocess, PublishedWeights, StateDict, register
 
 PADDLE_URL = "https://paddledet.bj.bcebos.com/models/"
-PADDLE_STATIC_URL = "https://paddlemodels.bj.bcebos.com/object_detection/"
-
-# The static-graph (Fluid) releases of the same rows (static/configs/res2net/README.md, PaddleDetection <= 2.4):
-# .tar parameter folders that res2det does not read, listed for their published figures. Their fps: Tesla V100,
-# batch 1, tools/eval.py over COCO val (data loading, forward and post-processing), cuDNN 7.5.
-_STATIC_RELEASES = {
-    "faster_rcnn_res2net50_vb_26w_4s_fpn_1x_coco": ("faster_rcnn_res2net50_vb_26w_4s_fpn_1x", {"box_ap": 39.5}, 20.320),
-    "mask_rcnn_res2net50_vb_26w_4s_fpn_2x_coco": ("mask_rcnn_res2net50_vb_26w_4s_fpn_2x",
-                                                  {"box_ap": 40.7, "mask_ap": 36.2}, 16.069),
-    "mask_rcnn_res2net50_vd_26w_4s_fpn_2x_coco": ("mask_rcnn_res2net50_vd_26w_4s_fpn_2x",
-                                                  {"box_ap": 40.9, "mask_ap": 36.2}, 15.816),
-    "mask_rcnn_res2net50_vd_26w_4s_fpn_dcnv2_1x_coco": ("mask_rcnn_res2net50_vd_26w_4s_fpn_dcnv2_1x",
-                                                        {"box_ap": 43.5, "mask_ap": 38.4}, 14.478),
-}
-
-
-def _static_release(name: str) -> tuple[PublishedWeights, ...]:
-    stem, metrics, fps = _STATIC_RELEASES[name]
-    return (PublishedWeights("paddle-static", f"{PADDLE_STATIC_URL}{stem}.tar", dict(metrics), fps=fps,
-                             hardware="V100, batch 1", notes="static-graph (Fluid) release; not loadable"),)
-
 # Paddle's NormalizeImage (is_scale, mean/std (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225)) on 0..255 pixels:
 # x / 255 then (x - mean) / std, which equals (p - 255 mean) / (255 std) to 1-2 ulp (<= 4.8e-7 on the fixture).
 # Resize keep_ratio to fit (800, 1333), pad to 32. (Paddle resizes with cv2 INTER_CUBIC, interp 2; predict
@@ -186,7 +165,6 @@ for _name, _variant, _mask, _dcn, _metrics in _ROWS:
             description=(f"{_kind} R-CNN, Res2Net-50 {_variant} 26w4s{' + DCNv2 (res3-res5)' if _dcn else ''} + FPN, "
                          f"COCO (PaddleDetection{'; no released dygraph weights' if not _metrics else ''})"),
             origin="PaddleDetection",
-            other_releases=_static_release(_name),
         )
     )
 

@@ -14,17 +14,24 @@ They predict 81 classes with background = class 0; res2det's heads have backgrou
 classes in ``fc_reg`` / ``conv_logits``: column 0 of ``cls_score`` moves to the end, the first 4 outputs of
 ``bbox_pred`` and the first channel of ``mask_fcn_logits`` (background's) are dropped.
 
-Not yet done (issue #15): the zoo rows that run these weights with the inference rules of that era.
+The zoo rows ``*_static`` run them with the inference rules of that era (``conventions='paddle_static'``:
+``models.heads.paddle_static_conventions``; pre-processing ``Preprocess(pipeline='paddle_static')``).
+Their 'vd' backbones differ from the dygraph 'vd' rows: ResNet-D avg-pool shortcuts in res3-res5 (the static
+``ResNet._shortcut`` with ``variant='d'``), not strided 1x1 convs.
 """
 from __future__ import annotations
 
+import functools
 import re
 import string
 
 import torch
 
 from ..errors import CheckpointError
-from .registry import StateDict
+from ..models.backbones import BackboneConfig
+from ..models.detectors import DetectorConfig, RoIHeadConfig, build_detector
+from .mmdetection import COCO_CLASSES
+from .registry import ModelSpec, Preprocess, PublishedWeights, StateDict, register
 
 _BN_LEAF = {"scale": "weight", "offset": "bias", "mean": "running_mean", "variance": "running_var"}
 _STEM_VD = {"1_1": ("conv1.0", "conv1.1"), "1_2": ("conv1.3", "conv1.4"), "1_3": ("conv1.6", "bn1")}
@@ -127,4 +134,48 @@ def fluid_to_res2det(state: StateDict, *, avg_shortcut: bool) -> StateDict:
     return out
 
 
-__all__ = ["fluid_to_res2det"]
+def _detect(state: StateDict) -> str | None:
+    return "paddle-static" if any(k.endswith("_weights") or k.startswith("fpn_inner_res") for k in state) else None
+
+
+STATIC_URL = "https://paddlemodels.bj.bcebos.com/object_detection/"
+# The era's NormalizeImage on x / 255 with these in 0..1 units; held as 0..255 statistics (equal to 1-2 ulp)
+STATIC_PREPROCESS = Preprocess(mean=(0.485 * 255, 0.456 * 255, 0.406 * 255), std=(0.229 * 255, 0.224 * 255, 0.225 * 255),
+                               input_size=(800, 1333), crop_pct=None, pipeline="paddle_static")
+
+_ROWS = [  # file stem, variant, mask, dcn, published figures, published fps (V100, batch 1)
+    ("faster_rcnn_res2net50_vb_26w_4s_fpn_1x", "vb", False, False, {"box_ap": 39.5}, 20.320),
+    ("mask_rcnn_res2net50_vb_26w_4s_fpn_2x", "vb", True, False, {"box_ap": 40.7, "mask_ap": 36.2}, 16.069),
+    ("mask_rcnn_res2net50_vd_26w_4s_fpn_2x", "vd", True, False, {"box_ap": 40.9, "mask_ap": 36.2}, 15.816),
+    ("mask_rcnn_res2net50_vd_26w_4s_fpn_dcnv2_1x", "vd", True, True, {"box_ap": 43.5, "mask_ap": 38.4}, 14.478),
+]
+
+for _stem, _variant, _mask, _dcn, _metrics, _fps in _ROWS:
+    _avg = _variant == "vd"
+    register(
+        ModelSpec(
+            name=f"{_stem}_static",
+            task="instance_segmentation" if _mask else "detection",
+            config=DetectorConfig(
+                backbone=BackboneConfig(depth=50, base_width=26, scale=4, stem="deep" if _avg else "original",
+                                        shortcut="avg" if _avg else "conv", stage_block="paddle",
+                                        dcn_stages=(False, _dcn, _dcn, _dcn), frozen_stages=1, norm_eval=True),
+                roi_head=RoIHeadConfig(with_mask=_mask),
+                class_names=COCO_CLASSES,
+                conventions="paddle_static",
+                preprocess=STATIC_PREPROCESS,
+            ),
+            build=build_detector,
+            key_maps={"paddle-static": functools.partial(fluid_to_res2det, avg_shortcut=_avg)},
+            detect_format=_detect,
+            weights=(PublishedWeights("paddle-static", f"{STATIC_URL}{_stem}.tar", dict(_metrics), fps=_fps,
+                                      hardware="V100, batch 1",
+                                      notes="static-graph (Fluid) release: a .tar of variable files"),),
+            description=(f"{'Mask' if _mask else 'Faster'} R-CNN, Res2Net-50 {_variant} 26w4s"
+                         f"{' + DCNv2 (res3-res5)' if _dcn else ''} + FPN, COCO (PaddleDetection static-graph "
+                         "release, run with that era's inference rules)"),
+            origin="PaddleDetection",
+        )
+    )
+
+__all__ = ["fluid_to_res2det", "STATIC_PREPROCESS"]

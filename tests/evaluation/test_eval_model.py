@@ -71,7 +71,7 @@ def test_postprocess_maps_detections_to_original_pixels():
     probs = result["mask_probs"][[1, 0, 2]]
     masks = masks.to_tensor()  # postprocess keeps per-box crops (InstanceMasks)
     assert torch.equal(masks, paste_masks(probs, unclipped, (100, 150)))  # mmdet: from the unclipped boxes
-    model.roi_head.paste_clipped_boxes = True  # Paddle's rule
+    model.roi_head.mask_paste = "paddle"  # Paddle's rule
     paddle_masks = model.postprocess(result, **args)[3].to_tensor()
     assert torch.equal(paddle_masks, paste_masks(probs, clipped, (100, 150)))
     assert not torch.equal(paddle_masks, masks)

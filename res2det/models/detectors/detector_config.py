@@ -120,7 +120,7 @@ class DetectorConfig:
     # Test-time conventions of the weights' source: 'mmdet', or 'paddle' for PaddleDetection's anchors, proposal
     # generation (logit ranking, < 1 px boxes dropped), RoI level rule, box decoding and NMS output (see
     # res2det.models.heads.paddle_conventions). The layers and their shapes are the same.
-    conventions: Literal["mmdet", "paddle"] = "mmdet"
+    conventions: Literal["mmdet", "paddle", "paddle_static"] = "mmdet"
     # How the weights expect their input (mean/std on 0..255 RGB pixels, resize bounds): part of the detector,
     # used by ``predict``, evaluation, the datasets and ONNX export alike.
     preprocess: Preprocess = DETECTION_PREPROCESS

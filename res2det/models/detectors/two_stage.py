@@ -14,6 +14,7 @@ from ..heads.cascade_roi_head import CascadeRoIHead
 from ..heads.htc_roi_head import build_htc_roi_head
 from ..heads.roi_head import RoIHead
 from ..heads.paddle_conventions import PaddleAnchorGenerator, PaddleBBoxHead, PaddleRoIHead, PaddleRPNHead
+from ..heads.paddle_static_conventions import StaticBBoxHead, StaticRoIHead, StaticRPNHead
 from ..necks import FPN
 from .detector_config import DetectorConfig
 
@@ -52,7 +53,7 @@ class TwoStageDetector(nn.Module):
                  conventions: str = "mmdet"):
         super().__init__()
         self.preprocess = preprocess  # the input normalisation and resize bounds the weights expect
-        self.conventions = conventions  # whose test-time rules the heads follow: 'mmdet' or 'paddle'
+        self.conventions = conventions  # whose test-time rules the heads follow: 'mmdet', 'paddle', 'paddle_static'
         self.backbone = backbone
         self.neck = neck
         self.rpn_head = rpn_head
@@ -85,17 +86,21 @@ class TwoStageDetector(nn.Module):
         return [(int(h), int(w)) for h, w in image_sizes]
 
     def detect(self, images: Tensor, image_sizes: ImageSizes | None = None, *,
-               capture: dict[str, Tensor] | None = None, paste_masks: bool = True) -> list[dict[str, Tensor]]:
+               capture: dict[str, Tensor] | None = None, paste_masks: bool = True,
+               image_metas: Sequence[Mapping[str, Any]] | None = None) -> list[dict[str, Tensor]]:
         """Detections per image of a normalised, padded batch, in input pixels; with ``capture`` (a dict) the
         intermediate tensors are stored in it. Mask models return ``masks [K, h, w]`` pasted into the input
         or, with ``paste_masks=False``, the ``mask_probs [K, 28, 28]`` of each detection (its class's map,
-        after the sigmoid) to paste elsewhere (``predict`` pastes them at the original image size)."""
+        after the sigmoid) to paste elsewhere (``predict`` pastes them at the original image size).
+        ``image_metas``: per image ``scale_factor`` (sx, sy) and ``orig_size`` (H, W), which the heads of
+        PaddleDetection's static-graph rules need (they post-process in original pixels; without metas the
+        input is taken as the original image)."""
         sizes = self._sizes(images, image_sizes)
         feats, pyramid = self.extract_feat(images)
         cls_scores, bbox_preds = self.rpn_head(pyramid)
         proposals = self.rpn_head.predict_proposals(cls_scores, bbox_preds, sizes)
         results = self.roi_head.predict(pyramid, [p[0] for p in proposals], sizes, capture=capture,
-                                        paste=paste_masks)
+                                        paste=paste_masks, image_metas=image_metas)
         if capture is not None:
             capture["input"] = images
             capture.update({f"backbone.{i}": f for i, f in enumerate(feats)})
@@ -143,17 +148,17 @@ class TwoStageDetector(nn.Module):
         param = next(self.parameters())
         dtype = autocast_dtype(precision, param.device)
 
-        def detect(batch: Tensor, sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+        def detect(batch: Tensor, sizes: list[tuple[int, int]], metas: list[dict]) -> list[dict[str, Tensor]]:
             with torch.inference_mode(), torch.autocast(param.device.type, dtype=dtype or torch.float32,
                                                         enabled=dtype is not None):
-                return self.detect(batch.to(param.device, param.dtype), sizes, paste_masks=False)
+                return self.detect(batch.to(param.device, param.dtype), sizes, paste_masks=False, image_metas=metas)
 
         was_training = self.training
         self.eval()
         try:
             yield from iter_predict(detect, images, preprocess=self.preprocess, class_names=self.class_names,
                                     mask_thr=self.roi_head.test_cfg.mask_thr_binary,
-                                    paste_clipped_boxes=self.roi_head.paste_clipped_boxes, score_thr=score_thr,
+                                    mask_paste=self.roi_head.mask_paste, score_thr=score_thr,
                                     batch_size=batch_size, num_workers=num_workers)
         finally:
             self.train(was_training)
@@ -166,7 +171,7 @@ class TwoStageDetector(nn.Module):
 
         return postprocess(result, scale_factor=scale_factor, orig_size=orig_size,
                            mask_thr=self.roi_head.test_cfg.mask_thr_binary,
-                           paste_clipped_boxes=self.roi_head.paste_clipped_boxes, score_thr=score_thr)
+                           mask_paste=self.roi_head.mask_paste, score_thr=score_thr)
 
     @torch.no_grad()
     def forward_with_intermediates(self, images: Tensor, image_sizes: ImageSizes | None = None
@@ -204,10 +209,17 @@ class TwoStageDetector(nn.Module):
         return losses
 
 
+# per conventions: anchor generator, RPN head, box head, single-stage RoI head (the layers are the same; the
+# test-time rules differ: mmdetection's, PaddleDetection dygraph 2.6's, its static-graph era's)
+_HEADS = {"mmdet": (AnchorGenerator, RPNHead, Shared2FCBBoxHead, StandardRoIHead),
+          "paddle": (PaddleAnchorGenerator, PaddleRPNHead, PaddleBBoxHead, PaddleRoIHead),
+          "paddle_static": (AnchorGenerator, StaticRPNHead, StaticBBoxHead, StaticRoIHead)}
+
+
 def build_roi_head(cfg: DetectorConfig) -> RoIHead:
-    """One stage: ``StandardRoIHead`` (``PaddleRoIHead`` for Paddle's conventions); several: ``CascadeRoIHead``;
-    ``roi_head.htc`` set: ``HybridTaskCascadeRoIHead``."""
-    h, c, paddle = cfg.roi_head, cfg.neck.out_channels, cfg.conventions == "paddle"
+    """One stage: ``StandardRoIHead`` (``PaddleRoIHead`` / ``StaticRoIHead`` for Paddle's dygraph / static-graph
+    conventions); several: ``CascadeRoIHead``; ``roi_head.htc`` set: ``HybridTaskCascadeRoIHead``."""
+    h, c, paddle = cfg.roi_head, cfg.neck.out_channels, cfg.conventions != "mmdet"
     if not h.stages:
         raise ValueError("roi_head.stages needs at least one stage")
     for name in ("num_classes", "roi_size", "fc_channels", "mask_roi_size", "mask_channels"):
@@ -216,7 +228,7 @@ def build_roi_head(cfg: DetectorConfig) -> RoIHead:
     cascade = len(h.stages) > 1 or h.htc is not None
     if paddle and cascade:
         raise ValueError("PaddleDetection's conventions are implemented for one-stage RoI heads only")
-    bbox_cls = PaddleBBoxHead if paddle else Shared2FCBBoxHead
+    bbox_cls, roi_cls = _HEADS[cfg.conventions][2:]
     bbox_heads = [bbox_cls(in_channels=c, roi_size=h.roi_size, fc_channels=h.fc_channels,
                            num_shared_fcs=h.num_shared_fcs, num_classes=h.num_classes, target_stds=stage.bbox_stds,
                            reg_class_agnostic=h.reg_class_agnostic, smooth_l1_beta=h.bbox_loss_beta)
@@ -231,7 +243,7 @@ def build_roi_head(cfg: DetectorConfig) -> RoIHead:
     if not cascade:
         if h.stages[0].loss_weight != 1.0:
             raise ValueError("loss_weight weighs cascade stages; a single stage's losses are not weighted")
-        return (PaddleRoIHead if paddle else StandardRoIHead)(
+        return roi_cls(
             bbox_head=bbox_heads[0], mask_head=mask_head() if h.with_mask else None, train_cfg=h.stages[0].train,
             **common)
     stages = dict(stage_loss_weights=[s.loss_weight for s in h.stages], train_cfgs=[s.train for s in h.stages])
@@ -242,8 +254,8 @@ def build_roi_head(cfg: DetectorConfig) -> RoIHead:
 
 
 def build_detector(cfg: DetectorConfig) -> TwoStageDetector:
-    if cfg.conventions not in ("mmdet", "paddle"):
-        raise ValueError(f"conventions must be 'mmdet' or 'paddle', got {cfg.conventions!r}")
+    if cfg.conventions not in _HEADS:
+        raise ValueError(f"conventions must be one of {', '.join(_HEADS)}, got {cfg.conventions!r}")
     if cfg.class_names and len(cfg.class_names) != cfg.roi_head.num_classes:
         raise ValueError(f"{len(cfg.class_names)} class names for {cfg.roi_head.num_classes} classes")
     backbone = build_backbone(cfg.backbone)
@@ -252,8 +264,7 @@ def build_detector(cfg: DetectorConfig) -> TwoStageDetector:
     if len(r.anchor_strides) != cfg.neck.num_outs:
         raise ValueError(f"{len(r.anchor_strides)} anchor strides for {cfg.neck.num_outs} FPN levels")
     # PaddleDetection's weights need its test-time rules: same layers, other anchors/proposals/decoding/NMS
-    anchor_cls, rpn_cls = (PaddleAnchorGenerator, PaddleRPNHead) if cfg.conventions == "paddle" else \
-        (AnchorGenerator, RPNHead)
+    anchor_cls, rpn_cls = _HEADS[cfg.conventions][:2]
     anchors = anchor_cls(strides=r.anchor_strides, ratios=r.anchor_ratios, scales=r.anchor_scales)
     rpn_head = rpn_cls(in_channels=cfg.neck.out_channels, feat_channels=r.feat_channels, anchor_generator=anchors,
                        target_stds=r.target_stds, test_cfg=r.test_proposals, train_cfg=r.rpn_train)

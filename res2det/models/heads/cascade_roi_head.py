@@ -61,8 +61,10 @@ class CascadeRoIHead(RoIHead):
 
     # ------------------------------------------------------------------------------------------- predict
     def predict(self, feats: Sequence[Tensor], proposals: Sequence[Tensor], image_sizes: Sequence[tuple[int, int]],
-                capture: dict[str, Tensor] | None = None, *, paste: bool = True) -> list[dict[str, Tensor]]:
-        """Per image dict(boxes, scores, labels[, masks or mask_probs]) from per-image proposals ``[K, 4]``.
+                capture: dict[str, Tensor] | None = None, *, paste: bool = True,
+                image_metas: Sequence[dict] | None = None) -> list[dict[str, Tensor]]:
+        """Per image dict(boxes, scores, labels[, masks or mask_probs]) from per-image proposals ``[K, 4]``
+        (``image_metas``: unused, the heads work in input pixels).
         Mask models return the merged probabilities ``mask_probs [K, 28, 28]`` of each detection's class (the
         stage average; HTC: the last stage) or, with ``paste``, ``masks [K, h, w]`` pasted into the input."""
         cfg = self.test_cfg

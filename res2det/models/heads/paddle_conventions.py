@@ -151,9 +151,9 @@ class PaddleBBoxHead(Shared2FCBBoxHead):
 class PaddleRoIHead(StandardRoIHead):
     """``StandardRoIHead`` with RoIs pooled from the FPN level Paddle's ``distribute_fpn_proposals`` picks
     (RoIAlign aligned=True, adaptive sampling, as the v2.6.0 configs). ``predict`` pastes masks from the
-    clipped boxes (``paste_clipped_boxes``), as Paddle's ``MaskPostProcess`` does at the original size."""
+    clipped boxes (``mask_paste = 'paddle'``), as Paddle's ``MaskPostProcess`` does at the original size."""
 
-    paste_clipped_boxes = True
+    mask_paste = "paddle"
     level_mapping = "paddle"
 
 

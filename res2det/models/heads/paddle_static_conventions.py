@@ -6,19 +6,25 @@ so widths, centres, areas and IoUs carry a +1 (an IoU of this kind is the usual 
 ``x2`` and ``y2``). Each function is checked against the Paddle 3.3.1 kernel that implements the rule
 (tests/fixtures/paddle_static/make_era_fixtures.py).
 
-Not yet done (issue #15): the heads and the detector that apply these rules end to end (proposal merging over
-levels, box post-processing in original pixels) and the zoo rows.
+The heads (``StaticRPNHead``, ``StaticRoIHead`` with ``StaticBBoxHead``) apply them in a detector built with
+``DetectorConfig(conventions='paddle_static')``; the pre-processing is ``images.detection_input`` with
+``Preprocess(pipeline='paddle_static')``. Inference only: training raises ``NotImplementedError``.
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from ... import ops
-from .paddle_conventions import BBOX_CLIP, paddle_multiclass_nms
+from ...images import resize_linear_float
+from ...structures import InstanceMasks
+from .bbox_head import Shared2FCBBoxHead
+from .paddle_conventions import BBOX_CLIP
+from .roi_head import StandardRoIHead
+from .rpn_head import ProposalConfig, RPNHead
 
 
 def _round_half_up(x: float) -> float:
@@ -62,32 +68,53 @@ def static_decode(priors: Tensor, deltas: Tensor, stds: Sequence[float], *, clip
     return out if deltas.dim() == 3 else out[:, 0]
 
 
-def static_levels(rois: Tensor, *, min_level: int = 2, max_level: int = 5, refer_level: int = 4,
-                  refer_scale: float = 224.0) -> Tensor:
-    """``distribute_fpn_proposals(pixel_offset=True)``: the FPN level of each roi from its +1 area (0 for an
-    inverted box), ``floor(log2(sqrt(area) / refer_scale + 1e-6) + refer_level)`` clamped to the levels."""
-    w = rois[:, 2] - rois[:, 0] + 1
-    h = rois[:, 3] - rois[:, 1] + 1
-    valid = (rois[:, 2] >= rois[:, 0]) & (rois[:, 3] >= rois[:, 1])
-    scale = torch.sqrt(torch.where(valid, w * h, torch.zeros_like(w)))
-    level = torch.floor(torch.log2(scale / refer_scale + 1e-6) + refer_level)
-    return level.clamp(min_level, max_level).long()
+def plus_one_iou(a: Tensor, b: Tensor) -> Tensor:
+    """Paddle's ``JaccardOverlap`` with the +1 pixel offset, ``[N, M]``: 0 for disjoint boxes, an inverted box
+    has area 0 (so the IoU can come out negative, or NaN: neither is "<= threshold" below)."""
+    def area(x: Tensor) -> Tensor:
+        inverted = (x[:, 2] < x[:, 0]) | (x[:, 3] < x[:, 1])
+        return torch.where(inverted, torch.zeros_like(x[:, 0]), (x[:, 2] - x[:, 0] + 1) * (x[:, 3] - x[:, 1] + 1))
+
+    disjoint = ((b[None, :, 0] > a[:, None, 2]) | (b[None, :, 2] < a[:, None, 0])
+                | (b[None, :, 1] > a[:, None, 3]) | (b[None, :, 3] < a[:, None, 1]))
+    iw = torch.minimum(a[:, None, 2], b[None, :, 2]) - torch.maximum(a[:, None, 0], b[None, :, 0]) + 1
+    ih = torch.minimum(a[:, None, 3], b[None, :, 3]) - torch.maximum(a[:, None, 1], b[None, :, 1]) + 1
+    inter = iw * ih
+    iou = inter / (area(a)[:, None] + area(b)[None, :] - inter)
+    return torch.where(disjoint, torch.zeros_like(iou), iou)
 
 
 def plus_one_nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
-    """Greedy NMS with the +1 IoU (``normalized=False``): indices kept, by decreasing score."""
-    return ops.nms(boxes + boxes.new_tensor([0.0, 0.0, 1.0, 1.0]), scores, iou_threshold)
+    """Paddle's greedy NMS with ``plus_one_iou`` (``normalized=False`` / ``pixel_offset``): by decreasing score
+    (stable), a box is kept while its overlap with every kept box is ``<= iou_threshold``. Kept indices."""
+    order = torch.sort(scores, descending=True, stable=True).indices
+    keep_ok = plus_one_iou(boxes[order], boxes[order]) <= iou_threshold
+    suppressed = torch.zeros(order.numel(), dtype=torch.bool, device=boxes.device)
+    kept = []
+    for i in range(order.numel()):
+        if not suppressed[i]:
+            kept.append(i)
+            suppressed |= ~keep_ok[i]
+    return order[kept]
 
 
 def static_multiclass_nms(boxes: Tensor, scores: Tensor, *, score_thr: float = 0.05, iou_threshold: float = 0.5,
                           max_num: int = 100) -> tuple[Tensor, Tensor, Tensor]:
     """``multiclass_nms3(normalized=False, background_label=0)``: ``boxes [N, C, 4]``, ``scores [N, C]`` with
-    the background in column 0 -> (boxes, scores, labels 1..C-1) in Paddle's output order (by class, then by
+    the background in column 0 -> (boxes, scores, labels 1..C-1): per class ``plus_one_nms`` of the boxes
+    scoring ``> score_thr``, the best ``max_num`` overall, in Paddle's output order (by class, then by
     proposal index)."""
-    shifted = boxes + boxes.new_tensor([0.0, 0.0, 1.0, 1.0])  # the +1 IoU of every pair
-    kept, kept_scores, labels, _ = paddle_multiclass_nms(shifted[:, 1:], scores[:, 1:], score_thr=score_thr,
-                                                         iou_threshold=iou_threshold, max_num=max_num)
-    return kept - kept.new_tensor([0.0, 0.0, 1.0, 1.0]), kept_scores, labels + 1
+    n = scores.shape[0]
+    rows, labels = torch.nonzero(scores[:, 1:] > score_thr, as_tuple=True)
+    labels = labels + 1
+    cand_boxes, cand_scores = boxes[rows, labels], scores[rows, labels]
+    kept = [inds[plus_one_nms(cand_boxes[inds], cand_scores[inds], iou_threshold)]
+            for inds in (torch.nonzero(labels == c).flatten() for c in torch.unique(labels).tolist())]
+    keep = torch.cat(kept) if kept else labels.new_zeros(0)
+    if 0 < max_num < keep.numel():
+        keep = keep[cand_scores[keep].sort(descending=True, stable=True).indices[:max_num]]
+    keep = keep[torch.argsort(labels[keep] * max(n, 1) + rows[keep], stable=True)]
+    return cand_boxes[keep], cand_scores[keep], labels[keep]
 
 
 def static_proposals(scores: Tensor, deltas: Tensor, anchors: Tensor, image_size: Sequence[float], *,
@@ -117,75 +144,101 @@ def static_proposals(scores: Tensor, deltas: Tensor, anchors: Tensor, image_size
     return boxes[keep], s[keep]
 
 
-def static_scale(height: int, width: int, short: int = 800, long: int = 1333) -> float:
-    """The era's ``ResizeImage`` scale: ``short / min(h, w)``, or ``long / max(h, w)`` when that would make the
-    long side round above ``long``."""
-    scale = short / min(height, width)
-    if round(scale * max(height, width)) > long:
-        scale = long / max(height, width)
-    return scale
-
-
-def _linear_taps(out_size: int, in_size: int, src_per_dst: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """OpenCV's INTER_LINEAR taps along one axis: (first index, second index, weight of first, of second)."""
-    f = ((torch.arange(out_size, dtype=torch.float64) + 0.5) * src_per_dst - 0.5).to(torch.float32)
-    i0 = torch.floor(f)
-    f = f - i0
-    i0 = i0.long()
-    edge = (i0 < 0) | (i0 >= in_size - 1)  # OpenCV takes the border pixel with weight 1 there
-    f = torch.where(edge, torch.zeros_like(f), f)
-    i0 = i0.clamp(0, in_size - 1)
-    return i0, (i0 + 1).clamp(max=in_size - 1), 1 - f, f
-
-
-def cv2_resize_linear(image: Tensor, out_size: Sequence[int], src_per_dst: Sequence[float] | None = None
-                      ) -> Tensor:
-    """``cv2.resize(..., INTER_LINEAR)`` of a float ``[..., H, W]`` tensor to ``out_size`` (h, w): half-pixel
-    centres, border pixels repeated, no antialiasing, horizontal then vertical pass in float32.
-    ``src_per_dst`` (y, x) is OpenCV's mapping scale: ``1 / fx`` when it was called with ``fx`` / ``fy``,
-    else (default) input size / output size."""
-    h, w = image.shape[-2:]
-    oh, ow = int(out_size[0]), int(out_size[1])
-    sy, sx = src_per_dst if src_per_dst is not None else (h / oh, w / ow)
-    x0, x1, a0, a1 = _linear_taps(ow, w, sx)
-    y0, y1, b0, b1 = _linear_taps(oh, h, sy)
-    rows = image[..., x0] * a0 + image[..., x1] * a1
-    return rows[..., y0, :] * b0[:, None] + rows[..., y1, :] * b1[:, None]
-
-
-def static_preprocess(rgb: Tensor, mean: Sequence[float], std: Sequence[float], *, short: int = 800,
-                      long: int = 1333) -> tuple[Tensor, float]:
-    """The era's pre-processing of an ``[H, W, 3]`` uint8 RGB image: ``/ 255``, normalised with ``mean`` /
-    ``std`` (in 0..1 units), **then** resized by ``static_scale`` as ``cv2.resize(fx=scale, fy=scale)``
-    does -> (``[3, h, w]`` float32, scale). Padding is the caller's."""
-    x = (rgb.to(torch.float32) / 255 - torch.tensor(mean, dtype=torch.float32)) / torch.tensor(std,
-                                                                                              dtype=torch.float32)
-    height, width = rgb.shape[:2]
-    scale = static_scale(height, width, short, long)
-    out = (round(height * scale), round(width * scale))
-    return cv2_resize_linear(x.permute(2, 0, 1), out, (1 / scale, 1 / scale)), scale
-
-
-def static_paste_masks(probs: Tensor, boxes: Tensor, image_size: Sequence[int], threshold: float = 0.5) -> Tensor:
+def static_paste_masks(probs: Tensor, boxes: Tensor, image_size: Sequence[int], threshold: float = 0.5
+                       ) -> InstanceMasks:
     """The era's mask pasting: each ``M x M`` probability map padded by one zero pixel on every side, its box
-    expanded by ``(M + 2) / M`` about the centre and truncated to int, resized (``cv2_resize_linear``) to the
-    expanded box's +1 size, ``> threshold``, placed into an ``H x W`` image -> bool ``[K, H, W]``."""
+    expanded by ``(M + 2) / M`` about the centre and truncated to int, resized (``resize_linear_float``, as
+    ``cv2.resize``) to the expanded box's +1 size, ``> threshold``, placed into an ``H x W`` image (clipped at
+    its borders): one crop per detection."""
     m = probs.shape[-1]
     h, w = int(image_size[0]), int(image_size[1])
-    out = torch.zeros(probs.shape[0], h, w, dtype=torch.bool)
     scale = (m + 2.0) / m
-    b = boxes.to(torch.float64)
+    b = boxes.to(torch.float64).cpu()
     half_w, half_h = (b[:, 2] - b[:, 0]) * 0.5 * scale, (b[:, 3] - b[:, 1]) * 0.5 * scale
     cx, cy = (b[:, 2] + b[:, 0]) * 0.5, (b[:, 3] + b[:, 1]) * 0.5
     expanded = torch.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], 1).trunc().long().tolist()
-    padded = torch.nn.functional.pad(probs.to(torch.float32), (1, 1, 1, 1))
+    padded = F.pad(probs.to(torch.float32).cpu(), (1, 1, 1, 1))
+    crops, origins = [], []
     for k, (x0, y0, x1, y1) in enumerate(expanded):
-        mask = cv2_resize_linear(padded[k], (max(y1 - y0 + 1, 1), max(x1 - x0 + 1, 1))) > threshold
+        mask = resize_linear_float(padded[k], (max(y1 - y0 + 1, 1), max(x1 - x0 + 1, 1))) > threshold
         cx0, cx1 = min(max(x0, 0), w), min(max(x1 + 1, 0), w)
         cy0, cy1 = min(max(y0, 0), h), min(max(y1 + 1, 0), h)
-        out[k, cy0:cy1, cx0:cx1] = mask[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
-    return out
+        crops.append(mask[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0] if cx1 > cx0 and cy1 > cy0
+                     else torch.zeros(0, 0, dtype=torch.bool))
+        origins.append((cx0, cy0))
+    return InstanceMasks(crops, origins, h, w)
 
 
-__all__ = ["static_anchors", "static_decode", "static_levels", "plus_one_nms", "static_multiclass_nms",
-           "static_proposals", "static_scale", "cv2_resize_linear", "static_preprocess", "static_paste_masks"]
+class StaticRPNHead(RPNHead):
+    """The RPN layers (shared by all levels) with the era's proposals: per level ``static_anchors`` (size
+    ``stride * scale``), ``static_proposals`` clipped to the image padded to a multiple of 32; then the best
+    ``max_per_img`` over all levels by score (``collect_fpn_proposals``). Training is not implemented."""
+
+    @torch.no_grad()
+    def predict_proposals(self, cls_scores: Sequence[Tensor], bbox_preds: Sequence[Tensor],
+                          image_sizes: Sequence[tuple[int, int]], cfg: ProposalConfig | None = None
+                          ) -> list[tuple[Tensor, Tensor]]:
+        cfg = cfg or self.test_cfg
+        gen = self.anchor_generator
+        anchors = [static_anchors(c.shape[-2:], stride, stride * gen.scales[0], gen.ratios).to(c.device)
+                   for c, stride in zip(cls_scores, gen.strides)]
+        results = []
+        for b, (h, w) in enumerate(image_sizes):
+            padded = (-(-h // 32) * 32, -(-w // 32) * 32)  # im_info holds the padded size
+            level = [static_proposals(cls[b].sigmoid(), reg[b], anc, padded, pre_nms_top_n=cfg.nms_pre,
+                                      post_nms_top_n=cfg.max_per_img, nms_thresh=cfg.iou_threshold,
+                                      min_size=cfg.min_bbox_size)
+                     for cls, reg, anc in zip(cls_scores, bbox_preds, anchors)]
+            boxes, scores = torch.cat([p[0] for p in level]), torch.cat([p[1] for p in level])
+            scores, order = scores.sort(descending=True, stable=True)
+            results.append((boxes[order[:cfg.max_per_img]], scores[:cfg.max_per_img]))
+        return results
+
+    def loss(self, *args, **kwargs):
+        raise NotImplementedError("training with PaddleDetection's static-graph rules is not implemented")
+
+
+class StaticBBoxHead(Shared2FCBBoxHead):
+    """The two-fc box head with the era's post-processing, in the original image's pixels: softmax over the
+    classes, proposals divided by the resize scale, ``static_decode`` (no dw / dh cap), boxes clipped to
+    ``[0, W - 1] x [0, H - 1]``, ``static_multiclass_nms``; returned times the scale (input pixels)."""
+
+    def predict(self, rois: Tensor, cls_score: Tensor, bbox_pred: Tensor, image_size: tuple[int, int], *,
+                score_thr: float, iou_threshold: float, max_per_img: int,
+                meta: Mapping[str, Any] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        scale = float(meta["scale_factor"][0]) if meta else 1.0
+        orig_h, orig_w = (int(v) for v in (meta["orig_size"] if meta else image_size))
+        probs = F.softmax(cls_score, dim=-1)
+        probs = torch.cat([probs[:, -1:], probs[:, :-1]], 1)  # the era's layout: background first
+        deltas = bbox_pred.reshape(bbox_pred.shape[0], -1, 4)
+        boxes = static_decode(rois[:, 1:] / scale, deltas, self.bbox_coder.stds)
+        limit = boxes.new_tensor([orig_w - 1, orig_h - 1, orig_w - 1, orig_h - 1])
+        boxes = torch.minimum(boxes.clamp(min=0), limit)
+        boxes = torch.cat([boxes.new_zeros(boxes.shape[0], 1, 4), boxes], 1)  # background's column, unused
+        boxes, scores, labels = static_multiclass_nms(boxes, probs, score_thr=score_thr, iou_threshold=iou_threshold,
+                                                      max_num=max_per_img)
+        return boxes * scale, scores, labels - 1
+
+
+class StaticRoIHead(StandardRoIHead):
+    """``StandardRoIHead`` with the era's rules: rois to levels by ``distribute_fpn_proposals(pixel_offset)``,
+    RoIAlign unaligned with 2 x 2 samples per bin, ``StaticBBoxHead`` post-processing (needs each image's
+    ``image_metas``: resize scale and original size), masks pasted by ``static_paste_masks``."""
+
+    level_mapping = "paddle_static"
+    roi_align_aligned = False
+    roi_align_sampling_ratio = 2
+    mask_paste = "paddle_static"
+
+    def _detect_boxes(self, rois: Tensor, cls_score: Tensor, bbox_pred: Tensor, image_size: tuple[int, int],
+                      meta: Mapping[str, Any] | None) -> tuple[Tensor, Tensor, Tensor]:
+        cfg = self.test_cfg
+        return self.bbox_head.predict(rois, cls_score, bbox_pred, image_size, score_thr=cfg.score_thr,
+                                      iou_threshold=cfg.iou_threshold, max_per_img=cfg.max_per_img, meta=meta)
+
+    def loss(self, *args, **kwargs):
+        raise NotImplementedError("training with PaddleDetection's static-graph rules is not implemented")
+
+
+__all__ = ["static_anchors", "static_decode", "plus_one_iou", "plus_one_nms", "static_multiclass_nms", "static_proposals",
+           "static_paste_masks", "StaticRPNHead", "StaticBBoxHead", "StaticRoIHead"]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -38,21 +38,23 @@ def boxes_to_rois(boxes: Sequence[Tensor]) -> Tensor:
 class RoIHead(nn.Module):
     """What every RoI head shares: the RoIAlign extractors of the box and mask branches (P2..P5, a level per roi
     by ``level_mapping``), the test config, the detections' mask maps, the mask loss, and the capabilities the
-    detector reads (``with_mask``, ``with_semantic``, ``paste_clipped_boxes``)."""
+    detector reads (``with_mask``, ``with_semantic``, ``mask_paste``)."""
 
-    # ``res2det.inference.postprocess`` pastes masks from the rescaled boxes before clipping them (mmdet);
-    # Paddle's heads clip first.
-    paste_clipped_boxes = False
+    # how ``res2det.inference.postprocess`` pastes masks at the original size: 'mmdet' from the rescaled boxes
+    # before clipping them, 'paddle' from the clipped boxes, 'paddle_static' by the static-graph era's rule
+    mask_paste = "mmdet"
     with_semantic = False  # HTC's semantic branch (its head: ``semantic_loss``)
     level_mapping = "mmdet"  # how rois pick an FPN level (``ops.MultiLevelRoIAlign``)
+    roi_align_aligned, roi_align_sampling_ratio = True, 0  # half-pixel-aligned, adaptive sampling
 
     def __init__(self, *, with_mask: bool, featmap_strides: Sequence[int] = (4, 8, 16, 32), roi_size: int = 7,
                  mask_roi_size: int = 14, finest_scale: int = 56, test_cfg: RCNNTestConfig | None = None):
         super().__init__()
 
         def extractor(size: int) -> MultiLevelRoIAlign:
-            return MultiLevelRoIAlign(output_size=size, featmap_strides=featmap_strides, sampling_ratio=0,
-                                      aligned=True, finest_scale=finest_scale, level_mapping=self.level_mapping)
+            return MultiLevelRoIAlign(output_size=size, featmap_strides=featmap_strides,
+                                      sampling_ratio=self.roi_align_sampling_ratio, aligned=self.roi_align_aligned,
+                                      finest_scale=finest_scale, level_mapping=self.level_mapping)
 
         self.bbox_roi_extractor = extractor(roi_size)
         self.mask_roi_extractor = extractor(mask_roi_size) if with_mask else None
@@ -94,12 +96,20 @@ class StandardRoIHead(RoIHead):
         self.mask_head = mask_head
         self.train_cfg = train_cfg or RCNNTrainConfig()
 
+    def _detect_boxes(self, rois: Tensor, cls_score: Tensor, bbox_pred: Tensor, image_size: tuple[int, int],
+                      meta: Mapping[str, Any] | None) -> tuple[Tensor, Tensor, Tensor]:
+        """One image's (boxes, scores, labels) from its rois' head outputs (``meta``: see ``predict``)."""
+        cfg = self.test_cfg
+        return self.bbox_head.predict(rois, cls_score, bbox_pred, image_size, score_thr=cfg.score_thr,
+                                      iou_threshold=cfg.iou_threshold, max_per_img=cfg.max_per_img)
+
     def predict(self, feats: Sequence[Tensor], proposals: Sequence[Tensor], image_sizes: Sequence[tuple[int, int]],
-                capture: dict[str, Tensor] | None = None, *, paste: bool = True) -> list[dict[str, Tensor]]:
+                capture: dict[str, Tensor] | None = None, *, paste: bool = True,
+                image_metas: Sequence[Mapping[str, Any]] | None = None) -> list[dict[str, Tensor]]:
         """Per image dict(boxes, scores, labels[, masks or mask_probs]) from per-image proposal boxes ``[K, 4]``.
         Mask models add each detection's ``mask_probs [K, 28, 28]`` (its own class's map, after the sigmoid)
-        or, with ``paste``, the ``masks [K, h, w]`` pasted into the input image."""
-        cfg = self.test_cfg
+        or, with ``paste``, the ``masks [K, h, w]`` pasted into the input image. ``image_metas`` (per image
+        ``scale_factor`` and ``orig_size``) are for heads whose post-processing works in original pixels."""
         rois = boxes_to_rois(proposals)
         cls_score, bbox_pred = self.bbox_head(self.bbox_roi_extractor(feats, rois))
         if capture is not None:
@@ -107,10 +117,9 @@ class StandardRoIHead(RoIHead):
             capture["roi_head.bbox_head.call0.cls_score"] = cls_score
             capture["roi_head.bbox_head.call0.bbox_pred"] = bbox_pred
         results = []
-        for (s, e), size in zip(_spans(proposals), image_sizes):
-            boxes, scores, labels = self.bbox_head.predict(
-                rois[s:e], cls_score[s:e], bbox_pred[s:e], size, score_thr=cfg.score_thr,
-                iou_threshold=cfg.iou_threshold, max_per_img=cfg.max_per_img)
+        for i, ((s, e), size) in enumerate(zip(_spans(proposals), image_sizes)):
+            meta = image_metas[i] if image_metas is not None else None
+            boxes, scores, labels = self._detect_boxes(rois[s:e], cls_score[s:e], bbox_pred[s:e], size, meta)
             results.append({"boxes": boxes, "scores": scores, "labels": labels})
         if self.with_mask:
             rois = boxes_to_rois([r["boxes"] for r in results])
