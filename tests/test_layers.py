@@ -16,7 +16,7 @@ LAYERS = [
     {"errors", "version", "structures", "images", "overrides", "loading"},  # plain types, images, config edits, loader
     {"ops"},  # detection ops (RoIAlign, NMS, deformable conv, Winograd), pure PyTorch
     {"models", "inference"},  # nn.Modules built from typed configs; the inference path their predict runs
-    {"checkpoint", "pdparams"},  # reading and writing weight files
+    {"checkpoint", "pdparams", "fluid"},  # reading and writing weight files
     {"zoo"},  # named models, their published weights and key maps
     {"data", "evaluation", "deploy", "engine", "optimize", "visualize", "utils", "profiling"},
     {"cli", "__main__"},

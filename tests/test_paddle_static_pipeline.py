@@ -5,11 +5,11 @@ computed from the tensors res2det fed that stage, so the comparison holds withou
 PaddleDetection network itself."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import PHOTO
 from fluid_names import run_static_row
@@ -51,3 +51,11 @@ def test_static_row_matches_paddle_stage_by_stage(tmp_path):
     # masks: the era's pasting of the same probabilities and boxes
     masks = np.unpackbits(fx["masks"], axis=-1)[..., :got["final_masks"].shape[-1]].astype(bool)
     assert (masks != got["final_masks"]).sum() == 0 and masks.any()
+    # the CLI runs the row from the same .tar, with the same detections
+    from res2det.cli.main import main
+
+    out = tmp_path / "dets.json"
+    assert main(["infer", "--model", NAME, "--weights", str(tmp_path / f"{NAME}.tar"), str(PHOTO), "--out",
+                 str(out)]) == 0
+    (record,) = json.loads(out.read_text())
+    np.testing.assert_allclose(np.array([d["bbox"] for d in record["detections"]]), got["final_boxes"], atol=1e-4)

@@ -166,7 +166,7 @@ def _zoo_presets() -> dict[str, TrainConfig]:
 
     presets = {}
     for name, spec in MODELS.items():
-        if spec.task == "classification" or name.endswith("_tiny_fpn"):
+        if spec.task == "classification" or name.endswith("_tiny_fpn") or spec.config.conventions == "paddle_static":
             continue
         recipe = next((RECIPES[k] for k in ("20e", "2x", "1x") if f"_{k}_" in f"{name}_"), RECIPES["1x"])
         data = DataConfig()
@@ -225,6 +225,12 @@ def load_config(name_or_path: str) -> TrainConfig:
             raise Res2DetError(f"{path}: must define `config = TrainConfig(...)`")
         return config
     known = presets()
+    if name_or_path.endswith("_static") and name_or_path not in known:
+        from ..zoo import MODELS
+
+        if name_or_path in MODELS:
+            raise Res2DetError(f"{name_or_path} runs PaddleDetection's static-graph inference rules, for which "
+                               "res2det has no training (inference only)")
     if name_or_path not in known:
         import difflib
 

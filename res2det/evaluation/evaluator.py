@@ -12,6 +12,8 @@ from torch import nn
 from torch.utils.data import Subset
 from tqdm import tqdm
 
+from ..errors import Res2DetError
+
 from ..checkpoint import atomic_write
 from ..inference import autocast_dtype
 from ..loading import Loader
@@ -54,6 +56,10 @@ def evaluate_model(model: nn.Module, dataset: Any, *, batch_size: int = 1, devic
     summary and per-class AP tables, ``metrics.json``); every rank returns the metrics (see ``coco_evaluate``).
     """
     net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    if getattr(net, "conventions", None) == "paddle_static":  # the dataset resizes as mmdetection does
+        raise Res2DetError("COCO evaluation of the PaddleDetection static-graph rows is not available here (their "
+                           "pre-processing differs); `res2det infer --coco-json PREFIX --ann FILE` writes results "
+                           "files for COCOeval")
     if device is not None:
         net.to(device)
     if label_to_cat_id is None:
