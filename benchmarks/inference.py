@@ -61,9 +61,9 @@ def cpu_name() -> str:
 
 def bf16_predict(model):
     """``predict`` with the layers under bf16 autocast, whether or not the CPU has native bf16."""
-    def detect(batch, sizes):
+    def detect(batch, sizes, metas):
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-            return model.detect(batch, sizes, paste_masks=False)
+            return model.detect(batch, sizes, paste_masks=False, image_metas=metas)
 
     def run(photo):
         return inference.predict(detect, photo, preprocess=model.preprocess, class_names=model.class_names,

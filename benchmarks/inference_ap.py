@@ -38,9 +38,9 @@ from inference import cpu_name  # noqa: E402  (benchmarks/inference.py)
 
 
 def autocast_paths(model, dtype):
-    def detect(batch, sizes):
+    def detect(batch, sizes, metas):
         with torch.inference_mode(), torch.autocast("cpu", dtype=dtype):
-            return model.detect(batch, sizes, paste_masks=False)
+            return model.detect(batch, sizes, paste_masks=False, image_metas=metas)
 
     def run(files):
         return inference.iter_predict(detect, files, preprocess=model.preprocess, class_names=model.class_names,

@@ -225,10 +225,11 @@ def load_config(name_or_path: str) -> TrainConfig:
             raise Res2DetError(f"{path}: must define `config = TrainConfig(...)`")
         return config
     known = presets()
-    if name_or_path.endswith("_static") and name_or_path not in known:
+    if name_or_path not in known:
         from ..zoo import MODELS
 
-        if name_or_path in MODELS:
+        spec = MODELS.get(name_or_path)
+        if spec is not None and getattr(spec.config, "conventions", None) == "paddle_static":
             raise Res2DetError(f"{name_or_path} runs PaddleDetection's static-graph inference rules, for which "
                                "res2det has no training (inference only)")
     if name_or_path not in known:

@@ -2,9 +2,10 @@
 (``paddle_conventions``), for the static-graph Res2Net releases (``../shared/reference/PADDLE_STATIC.md``).
 
 Boxes follow the **+1 pixel** convention of that era: a box ``[x1, y1, x2, y2]`` covers ``x2 - x1 + 1`` pixels,
-so widths, centres, areas and IoUs carry a +1 (an IoU of this kind is the usual IoU of boxes with 1 added to
-``x2`` and ``y2``). Each function is checked against the Paddle 3.3.1 kernel that implements the rule
-(tests/fixtures/paddle_static/make_era_fixtures.py).
+so widths, centres, areas and IoUs carry a +1 (``plus_one_iou``: the usual IoU of boxes with 1 added to ``x2``
+and ``y2``, except that an inverted box has area 0, as Paddle computes it). Each function is checked against
+the Paddle 3.3.1 kernel that implements the rule (tests/fixtures/paddle_static/make_era_fixtures.py) or, for
+OpenCV's part, against OpenCV (make_cv2_fixtures.py).
 
 The heads (``StaticRPNHead``, ``StaticRoIHead`` with ``StaticBBoxHead``) apply them in a detector built with
 ``DetectorConfig(conventions='paddle_static')``; the pre-processing is ``images.detection_input`` with
