@@ -188,12 +188,17 @@ def _imagenet_init(name: str, spec: Any) -> tuple[str, str] | None:
 
 
 # The README's main job: a small Res2Net Mask R-CNN trained from scratch on the embedded shapes set on a CPU.
+# AdamW rather than SGD: from scratch and in 600 iterations, SGD's result varied with the seed (box AP 0.50 to
+# 0.66 over seeds with this schedule, 0.41 to 0.54 with the former 4 epochs); AdamW lands within about 0.03 of
+# 0.72 (README).
 SHAPES = TrainConfig(
     model="mask_rcnn_r2_tiny_fpn",
     data=DataConfig(root=None, train_split="train", val_split="val", num_workers=1),
-    recipe=Recipe(epochs=4, milestones=(3,), base_lr=0.02, base_batch_size=4, warmup_iters=50),
+    recipe=Recipe(epochs=6, milestones=(5,), optimizer="adamw", base_lr=0.001, base_batch_size=4,
+                  weight_decay=0.05, warmup_iters=50),
     batch_size=4,
-    eval_every=2,
+    grad_clip=10.0,
+    eval_every=3,
     log_every=10,
     seed=0,
 )

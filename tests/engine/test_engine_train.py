@@ -263,3 +263,18 @@ def test_cli_train_evaluates_and_draws_and_test_reproduces_it(shapes_root, tmp_p
     bad = _cli("train", "shapes", "--data", str(tmp_path / "nowhere"))
     out, _ = bad.communicate(timeout=120)
     assert bad.returncode == 2 and "annotation file not found" in out and "Traceback" not in out
+
+
+@pytest.mark.slow
+def test_main_job_recipe_learns(tmp_path):
+    """The README's main job (`res2det train shapes`, the preset as it is) learns: after its first 200 of 600
+    iterations (a third of the run, before the lr step) box AP50 on the 50 held-out images is far above chance.
+    Seed 0 measured 0.51 there on AMD EPYC family 23 (and 0.74 / 0.79 box / mask AP at the end); the bound
+    leaves a 2x margin for other machines' floating-point paths."""
+    from res2det.engine.train_config import load_config
+
+    cfg = dataclasses.replace(load_config("shapes"), max_iters=200, draw=0, out_dir=str(tmp_path))
+    summary = Trainer(cfg, tmp_path / "shapes", progress=False).fit()
+    assert summary["iterations"] == 200
+    assert summary["metrics"]["bbox_AP50"] >= 0.25, summary["metrics"]
+    assert summary["metrics"]["segm_AP50"] >= 0.2, summary["metrics"]
