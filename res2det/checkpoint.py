@@ -153,7 +153,8 @@ def read_weights(path: str | os.PathLike) -> tuple[StateDict, dict]:
     'module.' prefix are removed.
     """
     path = Path(path)
-    if path.is_dir() or (path.suffix == ".tar" and path.is_file()):  # PaddlePaddle static graph: variable files
+    fluid_folder = path.is_dir() and path.suffix not in (".pth", ".pt", ".bin", ".safetensors", ".pdparams")
+    if fluid_folder or (path.suffix == ".tar" and path.is_file()):  # PaddlePaddle static graph: variable files
         from .fluid import read_fluid
 
         return read_fluid(path), {"format": "paddle-static"}

@@ -33,7 +33,8 @@ def shapes_root(tmp_path_factory):
 def tiny_config(root: Path, **changes) -> TrainConfig:
     cfg = TrainConfig(model="mask_rcnn_r2_tiny_fpn",
                       data=DataConfig(root=str(root), train_split="train", val_split="val", num_workers=0),
-                      recipe=Recipe(epochs=2, milestones=(2,), base_lr=0.02, base_batch_size=2, warmup_iters=4),
+                      recipe=Recipe(epochs=2, milestones=(2,), optimizer="adamw", base_lr=1e-3, base_batch_size=2,
+                                    weight_decay=0.05, warmup_iters=4),  # the main job's optimiser
                       batch_size=2, eval_every=0, log_every=2, draw=0, checkpoint_every=1, keep_last=2)
     return dataclasses.replace(cfg, **changes)
 
@@ -56,8 +57,9 @@ def _final_state(run: Path) -> dict[str, torch.Tensor]:
 
 
 def test_short_training_run_loss_falls(shapes_root, tmp_path):
-    cfg = tiny_config(shapes_root, recipe=Recipe(epochs=8, milestones=(8,), base_lr=0.02, base_batch_size=2,
-                                                 warmup_iters=4), checkpoint_every=0, log_every=1)
+    cfg = tiny_config(shapes_root, recipe=Recipe(epochs=8, milestones=(8,), optimizer="adamw", base_lr=1e-3,
+                                                 base_batch_size=2, weight_decay=0.05, warmup_iters=4),
+                      checkpoint_every=0, log_every=1)
     summary = Trainer(cfg, tmp_path / "run", progress=False).fit()
     assert summary["iterations"] == 8 * 4
     train = [json.loads(l) for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]

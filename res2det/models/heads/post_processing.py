@@ -40,7 +40,7 @@ def multiclass_nms(boxes: Tensor, scores: Tensor, *, score_thr: float, iou_thres
     """
     n, num_classes = scores.shape[0], scores.shape[1] - 1
     if boxes.shape[1] != 4:  # (a Python int also while tracing: the layout is fixed)
-        boxes = boxes.view(n, -1, 4)
+        boxes = boxes.view(n, boxes.shape[1] // 4, 4)  # (not -1: no rois would make it ambiguous)
     else:
         boxes = boxes[:, None].expand(n, num_classes, 4)
     cls_scores = scores[:, :-1]
