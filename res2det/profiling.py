@@ -7,8 +7,9 @@ How the figures are made (the same text is in ``res2det benchmark --help`` and t
   multiply-add counts as one "FLOP", the convention of the Res2Net and mmdetection tables), counted by hooks
   during one real forward pass at the benchmark input (batch 1).
 * **Detector workload**: the input is a deterministic random image of HEIGHTxWIDTH, zero-padded to a multiple
-  of 32 as ``predict`` pads, with ``image_sizes`` the unpadded size. Weights are res2det's random
-  initialisation (seed 0) and the RoI heads run at full load: the test score threshold is set to 0, so the
+  of 32 as ``predict`` pads, with ``image_sizes`` the unpadded size. Weights are random (seed 0, PyTorch's
+  default initialisation of every conv and linear layer, which keeps an untrained model's eval-mode
+  activations finite) and the RoI heads run at full load: the test score threshold is set to 0, so the
   box head sees all RPN proposals (1000 per image with mmdetection's test settings) and the mask head the
   ``max_per_img`` = 100 detections: the upper bound of a trained model's RoI work (untrained weights would
   otherwise return no detections). The JSON records the proposal and detection counts. Mask models' timed
@@ -53,6 +54,7 @@ import torch.nn.functional as F
 from .checkpoint import atomic_write, cache_dir
 from .errors import Res2DetError
 from .models.losses import total_loss
+from .ops import ModulatedDeformConv2d
 from .version import __version__
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the folder holding the res2det package
@@ -99,7 +101,17 @@ def build_model(name: str, device: str = "cpu", *, full_load: bool = True) -> to
 
     spec = get_spec(name)
     torch.manual_seed(0)
-    return create_model(name, **(full_load_overrides(spec) if full_load else {})).to(device)
+    model = create_model(name, **(full_load_overrides(spec) if full_load else {}))
+    # PyTorch's default initialisation (DCN offsets zero): mmdetection's (Kaiming fan-out), meant for training
+    # with batch statistics, grows the activations of an untrained model in eval mode until they overflow, and
+    # a deep detector then has no proposals to run its heads on
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear)):
+            m.reset_parameters()
+    for m in model.modules():
+        if isinstance(m, ModulatedDeformConv2d):
+            m.reset_parameters()
+    return model.to(device)
 
 
 def _call(model, x: torch.Tensor, sizes: list | None):
