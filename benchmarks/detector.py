@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import res2det  # noqa: E402
 from backbone import parse_run_options, print_profile, time_interleaved, write_json  # noqa: E402
-from res2det.profiling import full_load_overrides  # noqa: E402
+from res2det.profiling import build_model  # noqa: E402
 
 from shared_weights import SHARED, seeded_reference_weights  # noqa: E402
 from res2det.images import normalize  # noqa: E402
@@ -82,9 +82,10 @@ def main(argv=None) -> dict:
     rows = []
     for name in args.models:
         weights = seeded_reference_weights(name)
-        overrides = full_load_overrides(res2det.zoo.get_spec(name)) if weights is None else {}
-        torch.manual_seed(0)
-        model = res2det.create_model(name, weights=None if weights is None else str(weights), **overrides).eval()
+        if weights is None:  # profiling's random full-load model (PyTorch's init: finite eval-mode activations)
+            model = build_model(name).eval()
+        else:
+            model = res2det.create_model(name, weights=str(weights)).eval()
         model = model.to(args.device)
         x = reference_input(model).to(args.device)
         start = time.perf_counter()

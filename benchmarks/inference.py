@@ -41,6 +41,7 @@ from res2det.ops import box_iou  # noqa: E402
 from res2det.optimize import optimize_for_inference  # noqa: E402
 
 from backbone import write_json  # noqa: E402
+from res2det.profiling import build_model  # noqa: E402
 from shared_weights import SHARED, seeded_reference_weights  # noqa: E402
 
 MODELS = ["faster_rcnn_r2_101_fpn_2x_coco", "mask_rcnn_r2_101_fpn_2x_coco", "htc_r2_101_fpn_20e_coco"]
@@ -103,7 +104,8 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as cache:
         for name in args.models:
             weights = seeded_reference_weights(name)
-            model = res2det.create_model(name, weights=None if weights is None else str(weights)).eval()
+            model = (res2det.create_model(name, weights=str(weights)) if weights is not None
+                     else build_model(name, full_load=False)).eval()  # random: finite eval-mode activations
             rgb = to_rgb_uint8(photo)
             x = pad_batch([detection_input(rgb, model.preprocess)[0]])
             paths = {"fp32 eager": lambda p, m=model: m.predict(p),
