@@ -53,8 +53,9 @@ import torch.nn.functional as F
 
 from .checkpoint import atomic_write, cache_dir
 from .errors import Res2DetError
+from .inference import PRECISIONS, autocast_dtype
 from .models.losses import total_loss
-from .ops import ModulatedDeformConv2d
+from .models.weight_init import pytorch_default_
 from .version import __version__
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the folder holding the res2det package
@@ -102,15 +103,7 @@ def build_model(name: str, device: str = "cpu", *, full_load: bool = True) -> to
     spec = get_spec(name)
     torch.manual_seed(0)
     model = create_model(name, **(full_load_overrides(spec) if full_load else {}))
-    # PyTorch's default initialisation (DCN offsets zero): mmdetection's (Kaiming fan-out), meant for training
-    # with batch statistics, grows the activations of an untrained model in eval mode until they overflow, and
-    # a deep detector then has no proposals to run its heads on
-    for m in model.modules():
-        if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear)):
-            m.reset_parameters()
-    for m in model.modules():
-        if isinstance(m, ModulatedDeformConv2d):
-            m.reset_parameters()
+    pytorch_default_(model)  # with mmdetection's init a deep untrained detector has no proposals in eval mode
     return model.to(device)
 
 
@@ -219,7 +212,7 @@ def autocast(device: str, dtype: torch.dtype | None):
     return torch.autocast(device, dtype=dtype, enabled=dtype is not None)
 
 
-_DTYPE_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+_DTYPE_NAMES = {dtype: name for name, dtype in PRECISIONS.items()}  # None (no autocast) -> 'fp32'
 
 
 def time_calls(fn: Callable[[], Any], *, warmup: int, repeats: int, device: str, desc: str,
@@ -351,8 +344,8 @@ def check_options(*, device: str, precision: str, optimize: str, batch: int, war
         raise Res2DetError(f"--batch must be >= 1, got {batch}")
     if optimize not in ("none", "fuse", "select"):
         raise Res2DetError(f"--optimize must be none, fuse or select, got {optimize!r}")
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise Res2DetError(f"--precision must be fp32, bf16 or fp16, got {precision!r}")
+    if precision not in PRECISIONS:
+        raise Res2DetError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if optimize == "select" and (device != "cpu" or precision != "fp32"):
         raise Res2DetError("--optimize select measures CPU fp32 kernels: use it on --device cpu in fp32")
     default_warmup, default_repeats = DEFAULT_RUNS[device]
@@ -376,7 +369,6 @@ def benchmark_model(name: str, *, device: str = "cpu", size: tuple[int, int] | N
                     warmup: int | None = None, repeats: int | None = None, optimize: str = "fuse",
                     progress: bool = True) -> dict[str, Any]:
     """Benchmark one zoo model; returns the JSON record (see the module docstring for the methods)."""
-    from .inference import autocast_dtype
     from .optimize import optimize_for_inference
     from .utils.complexity import count_params
     from .zoo import get_spec

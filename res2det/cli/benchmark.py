@@ -336,7 +336,8 @@ def cmd_benchmark(args) -> None:
         get_spec(args.model)
         results = [benchmark_model(args.model, device=args.device, size=size, batch=args.batch,
                                    precision=args.precision, train=args.train, train_only=args.train_only,
-                                   warmup=args.warmup, repeats=args.repeats, optimize=args.optimize, progress=not args.no_progress)]
+                                   warmup=args.warmup, repeats=args.repeats, optimize=args.optimize,
+                                   progress=not args.no_progress)]
     else:
         names = list(MODELS)
         if args.models:
@@ -345,8 +346,8 @@ def cmd_benchmark(args) -> None:
             names = [n for n in names if n in args.models]
         results = run_all(names, device=args.device, det_size=size, batch=args.batch,
                           precision=args.precision, train=args.train, train_only=args.train_only,
-                          warmup=args.warmup, repeats=args.repeats,
-                          optimize=args.optimize, threads=args.threads, progress=not args.no_progress)
+                          warmup=args.warmup, repeats=args.repeats, optimize=args.optimize, threads=args.threads,
+                          progress=not args.no_progress)
     ran = next((r["dtype"] for r in results if "dtype" in r), "fp32")  # a reduced precision may fall back
     meta = dict(run_meta(args.device, args.precision, ran), batch=args.batch, optimize=args.optimize,
                 warmup=warmup, repeats=repeats)

@@ -146,6 +146,7 @@ def _write_coco_json(prefix: str, records: list[dict], image_ids: dict[str, Any]
         write_results_json(results[kind], f"{prefix}.{kind}.json")
         print(f"COCO results written to {prefix}.{kind}.json")
 
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
 

@@ -231,15 +231,14 @@ def load_config(name_or_path: str) -> TrainConfig:
         return config
     known = presets()
     if name_or_path not in known:
+        import difflib
+
         from ..zoo import MODELS
 
         spec = MODELS.get(name_or_path)
         if spec is not None and getattr(spec.config, "conventions", None) == "paddle_static":
             raise Res2DetError(f"{name_or_path} runs PaddleDetection's static-graph inference rules, for which "
                                "res2det has no training (inference only)")
-    if name_or_path not in known:
-        import difflib
-
         close = difflib.get_close_matches(name_or_path, known, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; presets: {', '.join(sorted(known))}"
         raise Res2DetError(f"unknown config {name_or_path!r}{hint}")

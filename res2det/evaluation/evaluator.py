@@ -12,9 +12,8 @@ from torch import nn
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-from ..errors import Res2DetError
-
 from ..checkpoint import atomic_write
+from ..errors import Res2DetError
 from ..inference import autocast_dtype
 from ..loading import Loader
 from ..images import pad_batch

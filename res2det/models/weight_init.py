@@ -28,6 +28,20 @@ def xavier_(modules: Iterable[nn.Module]) -> None:
         _zero_bias(m)
 
 
+def pytorch_default_(model: nn.Module) -> None:
+    """Every conv / linear layer back to PyTorch's default initialisation (DCN offsets zero): for an untrained
+    model run in eval mode (benchmarks, tests), whose activations Kaiming fan-out, meant for training with batch
+    statistics, grows block by block until they overflow."""
+    from ..ops import ModulatedDeformConv2d
+
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            m.reset_parameters()
+    for m in model.modules():  # after their conv_offset children were reset above
+        if isinstance(m, ModulatedDeformConv2d):
+            m.reset_parameters()
+
+
 def normal_(modules: Iterable[nn.Module], std: float) -> None:
     """N(0, std), zero bias (the RPN head: 0.01; box classifiers 0.01, box regressors 0.001)."""
     for m in modules:

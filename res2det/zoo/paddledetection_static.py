@@ -140,8 +140,9 @@ def _detect(state: StateDict) -> str | None:
 
 STATIC_URL = "https://paddlemodels.bj.bcebos.com/object_detection/"
 # The era's NormalizeImage on x / 255 with these in 0..1 units; held as 0..255 statistics (equal to 1-2 ulp)
-STATIC_PREPROCESS = Preprocess(mean=(0.485 * 255, 0.456 * 255, 0.406 * 255), std=(0.229 * 255, 0.224 * 255, 0.225 * 255),
-                               input_size=(800, 1333), crop_pct=None, pipeline="paddle_static")
+STATIC_PREPROCESS = Preprocess(mean=(0.485 * 255, 0.456 * 255, 0.406 * 255),
+                               std=(0.229 * 255, 0.224 * 255, 0.225 * 255), input_size=(800, 1333), crop_pct=None,
+                               pipeline="paddle_static")
 
 _ROWS = [  # file stem, variant, mask, dcn, published figures, published fps (V100, batch 1)
     ("faster_rcnn_res2net50_vb_26w_4s_fpn_1x", "vb", False, False, {"box_ap": 39.5}, 20.320),

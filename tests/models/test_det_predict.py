@@ -14,6 +14,7 @@ from PIL import Image
 from res2det import Detections, Res2DetError
 from res2det.images import detection_input, pad_batch, rescale_size, resize_bilinear
 from res2det.models.detectors import build_detector
+from res2det.models.weight_init import pytorch_default_
 from res2det.visualize import draw_detections, label_color
 from res2det.zoo.mmdetection import COCO_CLASSES, DETECTION_PREPROCESS
 from res2det.structures import Preprocess
@@ -35,11 +36,7 @@ def _need(path):
 def _tiny(with_mask=True):
     torch.manual_seed(0)
     model = build_detector(tiny_config(with_mask)).eval()
-    # PyTorch's default initialisation: with mmdetection's (Kaiming fan-out) an untrained model's eval-mode
-    # activations grow through the blocks and every class score saturates at 1; these tests need spread scores
-    for m in model.modules():
-        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear, torch.nn.ConvTranspose2d)):
-            m.reset_parameters()
+    pytorch_default_(model)  # with mmdetection's init every untrained class score saturates at 1 in eval mode
     # a threshold of 0 so that the random model returns detections
     model.roi_head.test_cfg = dataclasses.replace(model.roi_head.test_cfg, score_thr=0.0)
     model.preprocess = Preprocess(input_size=TINY_BOUNDS, crop_pct=None)

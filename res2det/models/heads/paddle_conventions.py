@@ -16,7 +16,7 @@ what differs is how their outputs are turned into boxes:
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -113,13 +113,15 @@ class PaddleRPNHead(RPNHead):
 
 
 def paddle_multiclass_nms(boxes: Tensor, scores: Tensor, *, score_thr: float, iou_threshold: float,
-                          max_num: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Paddle's ``multiclass_nms3`` (normalized boxes, ``nms_top_k`` -1): ``boxes [N, C, 4]``, ``scores [N, C]``
-    (no background column) -> (boxes, scores, labels, proposal index), grouped by class, then by index."""
+                          max_num: int, nms: Callable[[Tensor, Tensor, float], Tensor] = ops.nms
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Paddle's ``multiclass_nms3`` (``nms_top_k`` -1): ``boxes [N, C, 4]``, ``scores [N, C]`` (no background
+    column) -> (boxes, scores, labels, proposal index), grouped by class, then by index. ``nms`` is the per-class
+    rule: the usual IoU (normalized boxes) by default, ``plus_one_nms`` for ``normalized=False``."""
     n, num_classes = scores.shape
     rows, labels = torch.nonzero(scores > score_thr, as_tuple=True)
     cand_boxes, cand_scores = boxes[rows, labels], scores[rows, labels]
-    kept = [inds[ops.nms(cand_boxes[inds], cand_scores[inds], iou_threshold)]
+    kept = [inds[nms(cand_boxes[inds], cand_scores[inds], iou_threshold)]
             for inds in (torch.nonzero(labels == c).flatten() for c in torch.unique(labels).tolist())]
     keep = torch.cat(kept) if kept else labels.new_zeros(0)
     if 0 < max_num < keep.numel():  # the best keep_top_k over all classes

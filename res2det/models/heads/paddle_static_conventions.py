@@ -23,7 +23,7 @@ from torch import Tensor
 from ...images import resize_linear_float
 from ...structures import InstanceMasks
 from .bbox_head import Shared2FCBBoxHead
-from .paddle_conventions import BBOX_CLIP
+from .paddle_conventions import BBOX_CLIP, paddle_multiclass_nms
 from .roi_head import StandardRoIHead
 from .rpn_head import ProposalConfig, RPNHead
 
@@ -105,17 +105,10 @@ def static_multiclass_nms(boxes: Tensor, scores: Tensor, *, score_thr: float = 0
     the background in column 0 -> (boxes, scores, labels 1..C-1): per class ``plus_one_nms`` of the boxes
     scoring ``> score_thr``, the best ``max_num`` overall, in Paddle's output order (by class, then by
     proposal index)."""
-    n = scores.shape[0]
-    rows, labels = torch.nonzero(scores[:, 1:] > score_thr, as_tuple=True)
-    labels = labels + 1
-    cand_boxes, cand_scores = boxes[rows, labels], scores[rows, labels]
-    kept = [inds[plus_one_nms(cand_boxes[inds], cand_scores[inds], iou_threshold)]
-            for inds in (torch.nonzero(labels == c).flatten() for c in torch.unique(labels).tolist())]
-    keep = torch.cat(kept) if kept else labels.new_zeros(0)
-    if 0 < max_num < keep.numel():
-        keep = keep[cand_scores[keep].sort(descending=True, stable=True).indices[:max_num]]
-    keep = keep[torch.argsort(labels[keep] * max(n, 1) + rows[keep], stable=True)]
-    return cand_boxes[keep], cand_scores[keep], labels[keep]
+    kept, kept_scores, labels, _ = paddle_multiclass_nms(boxes[:, 1:], scores[:, 1:], score_thr=score_thr,
+                                                         iou_threshold=iou_threshold, max_num=max_num,
+                                                         nms=plus_one_nms)
+    return kept, kept_scores, labels + 1
 
 
 def static_proposals(scores: Tensor, deltas: Tensor, anchors: Tensor, image_size: Sequence[float], *,
@@ -241,5 +234,5 @@ class StaticRoIHead(StandardRoIHead):
         raise NotImplementedError("training with PaddleDetection's static-graph rules is not implemented")
 
 
-__all__ = ["static_anchors", "static_decode", "plus_one_iou", "plus_one_nms", "static_multiclass_nms", "static_proposals",
-           "static_paste_masks", "StaticRPNHead", "StaticBBoxHead", "StaticRoIHead"]
+__all__ = ["static_anchors", "static_decode", "plus_one_iou", "plus_one_nms", "static_multiclass_nms",
+           "static_proposals", "static_paste_masks", "StaticRPNHead", "StaticBBoxHead", "StaticRoIHead"]
