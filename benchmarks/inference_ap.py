@@ -7,6 +7,8 @@ given weights, on that config's validation set, image files through ``predict``'
 (``res2det.inference``); the paths:
 
 * ``fp32 eager``: the exact path (``model.iter_predict``);
+* ``fp32 optimised``: ``optimize_for_inference(model, first image)`` (what ``infer --optimize`` runs: BN folded,
+  kernels from the cached per-machine plan, measured for the first image's input shape and used for all);
 * ``bf16 autocast``: the layers under ``torch.autocast(bfloat16)``, timed and scored whether or not the CPU has
   native bf16 (``precision='bf16'`` runs it only where it has);
 * ``fp16 autocast``: the same in float16;
@@ -31,6 +33,7 @@ from res2det import inference  # noqa: E402
 from res2det.engine.train_config import load_config  # noqa: E402
 from res2det.engine.trainer import build_dataset, model_preprocess  # noqa: E402
 from res2det.evaluation.coco_eval import coco_evaluate, to_coco_results  # noqa: E402
+from res2det.optimize import optimize_for_inference  # noqa: E402
 from res2det.zoo import create_model  # noqa: E402
 
 from backbone import write_json  # noqa: E402
@@ -64,7 +67,9 @@ def main(argv=None) -> dict:
                          class_names=names).eval()
     files = [str(r.file) for r in val.records]
     ids = [r.image_id for r in val.records]
+    optimised = optimize_for_inference(model, files[0])
     paths = {"fp32 eager": lambda f: model.iter_predict(f),
+             "fp32 optimised": lambda f: optimised.iter_predict(f),
              "bf16 autocast": autocast_paths(model, torch.bfloat16),
              "fp16 autocast": autocast_paths(model, torch.float16)}
     rows = []

@@ -13,16 +13,24 @@ give correct outputs, possibly more slowly.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
+from .checkpoint import atomic_write, cache_dir
+from .images import ImageLike, detection_input, pad_batch, to_rgb_uint8
 from .models.backbones import ResNet
 from .models.backbones.fuse import CL, FusedConv2d, _layout, fuse_backbone
 
 NCHW = torch.contiguous_format
+_LAYOUT_NAMES = {NCHW: "nchw", CL: "channels_last"}
+_LAYOUTS = {v: k for k, v in _LAYOUT_NAMES.items()}
+PLAN_FORMAT = 1
 
 
 class ToLayout(nn.Module):
@@ -61,6 +69,7 @@ def _best_time(fn: Callable[[], object], budget_s: float) -> float:
 
 
 def _record_inputs(model: nn.Module, example: torch.Tensor, modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """The first input each of ``modules`` receives when ``model`` runs on ``example``."""
     seen: dict[str, torch.Tensor] = {}
 
     def hook(name):
@@ -100,14 +109,16 @@ def _select_conv(conv: FusedConv2d, x: torch.Tensor, budget_s: float, min_gain: 
 
 
 @torch.inference_mode()
-def select_kernels(model: nn.Module, example: torch.Tensor, *, within: nn.Module | None = None,
-                   budget_s: float = 0.02, min_gain: float = 0.05) -> dict:
+def select_kernels(model: nn.Module, example: torch.Tensor, *, within: nn.Module | list[nn.Module] | None = None,
+                   budget_s: float = 0.02, min_gain: float = 0.05, memo: dict | None = None) -> dict:
     """Bind every ``FusedConv2d`` in ``within`` (default: all of ``model``) to its fastest (kernel, layout) for
-    the input it sees when ``model`` runs on ``example``; convs of identical shape and input share one
-    measurement. Returns the choices by name."""
-    convs = {n: m for n, m in (model if within is None else within).named_modules() if isinstance(m, FusedConv2d)}
+    the input it sees when ``model`` runs on ``example`` (one run records them all); convs of identical shape
+    and input share one measurement (across calls too, through ``memo``). Returns the choices by name."""
+    parts = [model] if within is None else within if isinstance(within, list) else [within]
+    convs = {f"{i}.{n}": m for i, part in enumerate(parts) for n, m in part.named_modules()
+             if isinstance(m, FusedConv2d)}
     inputs = _record_inputs(model, example, convs)
-    cache: dict[tuple, tuple] = {}
+    memo = {} if memo is None else memo
     chosen = {}
     for name, conv in convs.items():
         if name not in inputs:
@@ -115,35 +126,46 @@ def select_kernels(model: nn.Module, example: torch.Tensor, *, within: nn.Module
         x = inputs[name]
         key = (tuple(conv.weight.shape), conv.stride, conv.padding, conv.dilation, conv.groups, conv.relu,
                tuple(x.shape), _layout(x))
-        if key not in cache:
-            cache[key] = _select_conv(conv, x, budget_s, min_gain)
+        if key not in memo:
+            memo[key] = _select_conv(conv, x, budget_s, min_gain)
         else:
-            conv.bind(cache[key][0], cache[key][1], x.shape)
-        kernel, layout = cache[key]
-        chosen[name] = kernel + ("" if layout is None else f"/{'cl' if layout == CL else 'nchw'}")
+            conv.bind(memo[key][0], memo[key][1], x.shape)
+        kernel, layout = memo[key]
+        chosen[name.split(".", 1)[1]] = kernel + ("" if layout is None else f"/{_LAYOUT_NAMES[layout]}")
     return chosen
 
 
 @torch.inference_mode()
 def select_stage_layouts(model: ResNet, example: torch.Tensor, *, budget_s: float = 0.05, **kwargs) -> list[str]:
     """For each stage in turn, keep the activation layout (NCHW or channels-last) under which the stage, with
-    its kernels selected for that layout, runs faster."""
+    its kernels selected for that layout, runs faster. Stages are timed alone, on the input the model gives
+    them (recorded once)."""
+    memo = kwargs.pop("memo", {})
+    stages = _layout_stages(model)
+    x = _record_inputs(model, example, {"stage": stages[0][0]})["stage"]  # stages run block by block
     choices = []
-    for stage in model.stages():
-        stage.insert(0, ToLayout(NCHW))
+    for stage in stages:
         timings = {}
         for layout in (NCHW, CL):
             stage[0].layout = layout
-            select_kernels(model, example, within=stage, **kwargs)
-            x = _record_inputs(model, example, {"stage": stage[0]})["stage"]
+            select_kernels(stage, x, memo=memo, **kwargs)
             timings[layout] = _best_time(lambda: stage(x), budget_s)
         best = min(timings, key=timings.get)
         stage[0].layout = best
         if best != CL:  # the kernels bound last were selected for channels-last
-            select_kernels(model, example, within=stage, **kwargs)
-        choices.append("channels_last" if best == CL else "nchw")
-    select_kernels(model, example, within=model.conv1, **kwargs)
+            select_kernels(stage, x, memo=memo, **kwargs)
+        choices.append(_LAYOUT_NAMES[best])
+        x = stage(x)
+    select_kernels(model.conv1, example, memo=memo, **kwargs)
     return choices
+
+
+def _layout_stages(model: ResNet) -> list[nn.Sequential]:
+    """The stages, each starting with a ``ToLayout`` (inserted once)."""
+    for stage in model.stages():
+        if not isinstance(stage[0], ToLayout):
+            stage.insert(0, ToLayout(NCHW))
+    return model.stages()
 
 
 def _fuse_head_convs(module: nn.Module) -> None:
@@ -155,29 +177,124 @@ def _fuse_head_convs(module: nn.Module) -> None:
             _fuse_head_convs(child)
 
 
+def _machine() -> dict:
+    """What kernel timings depend on, besides the layer: the CPU, its vector instructions, torch, threads."""
+    from .inference import _cpu_flags
+    from .profiling import device_name
+
+    flags = sorted(_cpu_flags() & {"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+                                   "amx_tile", "amx_bf16", "amx_fp16"})
+    return dict(cpu=device_name("cpu"), flags=flags, torch=torch.__version__, threads=torch.get_num_threads(),
+                mkldnn=torch.backends.mkldnn.is_available())
+
+
+def _convs(model: nn.Module) -> dict[str, FusedConv2d]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, FusedConv2d)}
+
+
+def plan_file(model: nn.Module, example: torch.Tensor) -> Path:
+    """Where the kernel plan of the inference form ``model`` for inputs shaped like ``example`` on this
+    machine is cached: named by a hash of the machine, every conv's name and shape, and the input's shape."""
+    convs = [(n, list(m.weight.shape), m.stride, m.padding, m.dilation, m.groups, m.relu)
+             for n, m in _convs(model).items()]
+    key = json.dumps(dict(format=PLAN_FORMAT, machine=_machine(), convs=convs, example=list(example.shape),
+                          dtype=str(example.dtype), layout=_LAYOUT_NAMES[_layout(example)]), sort_keys=True)
+    return cache_dir() / "kernel_plans" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+
+
+def _backbone(model: nn.Module) -> ResNet:
+    return model if isinstance(model, ResNet) else model.backbone
+
+
+def _current_plan(model: nn.Module) -> dict:
+    return dict(format=PLAN_FORMAT, machine=_machine(),
+                stage_layouts=[_LAYOUT_NAMES[s[0].layout] for s in _layout_stages(_backbone(model))],
+                convs={n: [m.kernel, None if m.layout is None else _LAYOUT_NAMES[m.layout], m.input_shape]
+                       for n, m in _convs(model).items() if m.input_shape is not None})
+
+
+def _apply_plan(model: nn.Module, plan: dict) -> bool:
+    """Bind ``model``'s kernels as ``plan`` says; False (nothing bound) when the plan does not fit the model."""
+    try:
+        stages = _layout_stages(_backbone(model))
+        layouts = [_LAYOUTS[v] for v in plan["stage_layouts"]]
+        convs = _convs(model)
+        bindings = [(convs[n], k, None if lay is None else _LAYOUTS[lay], tuple(shape))
+                    for n, (k, lay, shape) in plan["convs"].items()]
+        if plan.get("format") != PLAN_FORMAT or len(layouts) != len(stages) \
+                or any(k not in conv.candidates() for conv, k, _, _ in bindings):
+            return False
+    except (KeyError, TypeError, ValueError):
+        return False
+    for stage, layout in zip(stages, layouts):
+        stage[0].layout = layout
+    for conv, kernel, layout, shape in bindings:
+        conv.bind(kernel, layout, shape)
+    return True
+
+
+def _read_plan(path: Path) -> dict | None:
+    try:
+        plan = json.loads(path.read_text())
+    except (OSError, ValueError):  # absent, or a damaged cache file: measured again and rewritten
+        return None
+    return plan if isinstance(plan, dict) else None
+
+
 @torch.inference_mode()
-def optimize_for_inference(model: nn.Module, example: torch.Tensor, *, select: bool = True) -> nn.Module:
+def _select(optimised: nn.Module, example: torch.Tensor) -> None:
+    memo: dict = {}
+    backbone = _backbone(optimised)
+    if backbone is optimised:
+        backbone.stage_layouts = select_stage_layouts(backbone, example, memo=memo)
+        return
+    backbone_input = _record_inputs(optimised, example, {"backbone": backbone})["backbone"]
+    backbone.stage_layouts = select_stage_layouts(backbone, backbone_input, memo=memo)
+    heads = [child for name, child in optimised.named_children() if name != "backbone"]
+    select_kernels(optimised, example, within=heads, memo=memo)
+
+
+@torch.inference_mode()
+def optimize_for_inference(model: nn.Module, example: torch.Tensor | ImageLike, *, select: bool = True,
+                           cache: bool = True) -> nn.Module:
     """An optimised, eval-only equivalent of ``model`` for inputs shaped like ``example``.
 
     ``model`` is a ResNet/Res2Net (classifier or backbone) or a detector with a ``backbone`` attribute (its
     other convs, in the neck and heads, get kernel selection too). ``select=False`` applies only the inference
-    form (BN folding etc.)."""
+    form (BN folding etc.). With ``cache`` the measured choices (the "kernel plan") are kept in the cache
+    folder per machine, model layout and input shape (``plan_file``), so only the first call measures; the
+    plan used is ``optimised.kernel_plan`` (with ``cached``, ``file`` and, when measured, ``selection_s``). For a detector ``example`` may also be an image (file, PIL image,
+    array), pre-processed as ``predict`` does."""
+    if not isinstance(example, torch.Tensor):
+        if not hasattr(model, "preprocess"):
+            raise TypeError("optimize_for_inference: an image example needs a detector; give a tensor")
+        example = pad_batch([detection_input(to_rgb_uint8(example), model.preprocess)[0]])
+        example = example.to(next(model.parameters()).device)
     if isinstance(model, ResNet):
         optimised = fuse_backbone(model)
         optimised.maxpool = ChannelsLastMaxPool(optimised.maxpool)
-        if select:
-            optimised.stage_layouts = select_stage_layouts(optimised, example)
-        return optimised
-    if not isinstance(getattr(model, "backbone", None), ResNet):
-        raise TypeError(f"cannot optimise {type(model).__name__}: expected a ResNet or a detector with one")
-    optimised = copy.deepcopy(model).eval()
-    backbone_input = _record_inputs(model, example, {"backbone": model.backbone})["backbone"]
-    optimised.backbone = optimize_for_inference(model.backbone, backbone_input, select=select)
-    for name, child in optimised.named_children():
-        if name != "backbone":
-            _fuse_head_convs(child)
-    if select:
+    elif isinstance(getattr(model, "backbone", None), ResNet):
+        optimised = copy.deepcopy(model).eval()
+        optimised.backbone = optimize_for_inference(model.backbone, example, select=False)
         for name, child in optimised.named_children():
             if name != "backbone":
-                select_kernels(optimised, example, within=child)
+                _fuse_head_convs(child)
+    else:
+        raise TypeError(f"cannot optimise {type(model).__name__}: expected a ResNet or a detector with one")
+    if not select:
+        return optimised
+    _layout_stages(_backbone(optimised))  # before naming the convs in the plan
+    path = plan_file(optimised, example) if cache else None
+    plan = _read_plan(path) if path is not None else None
+    if plan is not None and _apply_plan(optimised, plan):
+        plan.update(cached=True, file=str(path))
+    else:
+        start = time.perf_counter()
+        _select(optimised, example)
+        plan = dict(_current_plan(optimised), selection_s=round(time.perf_counter() - start, 1))
+        if path is not None:
+            atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(plan, indent=1)))
+        plan.update(cached=False, file=None if path is None else str(path))
+    _backbone(optimised).stage_layouts = plan["stage_layouts"]
+    optimised.kernel_plan = plan
     return optimised

@@ -152,6 +152,28 @@ def test_interrupted_run_resumes_without_losing_lines(folder, tiny_weights, tmp_
     assert _lines(out) == full
 
 
+def test_optimized_infer_agrees_and_measures_once(folder, tiny_weights, tmp_path, capsys, monkeypatch):
+    """``infer --optimize``: the same detections within float rounding; the kernel plan is measured by the first
+    run only."""
+    monkeypatch.setenv("RES2DET_CACHE", str(tmp_path / "cache"))
+    exact, fast = tmp_path / "exact.jsonl", tmp_path / "fast.jsonl"
+    args = ["infer", "--model", TINY, "--weights", tiny_weights, str(folder)]
+    assert main(args + ["--out", str(exact)]) == 0
+    assert main(args + ["--out", str(fast), "--optimize"]) == 0
+    assert "--optimize: kernel plan measured in" in capsys.readouterr().out
+    for a, b in zip(_lines(exact), _lines(fast), strict=True):
+        da, db = a["detections"], b["detections"]
+        assert [d["label"] for d in da] == [d["label"] for d in db] and da
+        torch.testing.assert_close(torch.tensor([d["bbox"] for d in db]), torch.tensor([d["bbox"] for d in da]),
+                                   rtol=0, atol=0.01)  # px; BN folding and other kernels reorder float sums
+        torch.testing.assert_close(torch.tensor([d["score"] for d in db]), torch.tensor([d["score"] for d in da]),
+                                   rtol=0, atol=1e-4)
+    assert main(args + ["--out", str(fast), "--optimize"]) == 0
+    assert "--optimize: kernel plan from " in capsys.readouterr().out
+    assert main(args + ["--optimize", "--precision", "bf16"]) == 2
+    assert "--optimize is the fp32 PyTorch path's" in one_error_line(capsys)
+
+
 def test_resume_needs_json_lines(folder, tmp_path, capsys):
     assert main(["infer", "--model", TINY, str(folder), "--out", str(tmp_path / "d.json"), "--resume"]) == 2
     assert "--resume continues a JSON-lines --out FILE.jsonl" in one_error_line(capsys)
@@ -246,3 +268,18 @@ def test_coco_ids_from_file_names_or_annotations(shapes_val, shapes_weights, tmp
     assert main(["infer", "--model", TINY, str(stray), "--ann", str(shapes_val.val_ann)]) == 2
     assert "--ann goes with --coco-json" in one_error_line(capsys)
     assert not list(tmp_path.glob("r.*.json"))
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools under numpy 2
+def test_optimized_test_gives_the_same_ap(shapes_val, shapes_weights, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RES2DET_CACHE", str(tmp_path / "cache"))
+    args = ["test", "shapes", "--data", str(shapes_val.val_dir.parent), "--weights", shapes_weights]
+    metrics = []
+    for extra in ([], ["--optimize"]):
+        out = tmp_path / f"runs{len(extra)}"
+        assert main(args + ["--out", str(out)] + extra) == 0
+        metrics.append(json.loads(next(out.glob("*/metrics.json")).read_text()))
+    assert "--optimize: kernel plan measured in" in capsys.readouterr().out
+    assert metrics[0].keys() == metrics[1].keys() and "segm_AP" in metrics[0]
+    for key, value in metrics[0].items():
+        assert metrics[1][key] == pytest.approx(value, abs=0.005), key

@@ -1,6 +1,8 @@
 """Inference optimisations keep outputs within 1e-4 of the eager model, whatever kernels are selected."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -8,6 +10,12 @@ import res2det
 from res2det.models.backbones import BackboneConfig, build_backbone
 from res2det.models.backbones.fuse import FusedConv2d, fuse_backbone
 from res2det.optimize import optimize_for_inference, select_kernels
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """Kernel plans go to a fresh cache folder, so every test measures (or reads only what it wrote)."""
+    monkeypatch.setenv("RES2DET_CACHE", str(tmp_path))
 
 
 def _with_bn_statistics(model):
@@ -81,17 +89,28 @@ def test_dcn_blocks_are_left_unfused_but_still_correct():
             assert (a - b).abs().max().item() <= 1e-5 * max(1.0, a.abs().max().item())
 
 
-def test_optimised_detector_gives_the_same_detections(monkeypatch):
-    """Kernel choice is pinned: a fake clock makes every later-measured candidate 'faster', so selection binds
-    non-default kernels deterministically, however busy the machine is."""
+@pytest.fixture()
+def fake_clock(monkeypatch):
+    """Every later-measured candidate is 'faster', so selection binds non-default kernels deterministically;
+    ``calls`` counts measurements."""
     import itertools
 
     from res2det import optimize
+
+    ticks, calls = itertools.count(1), []
+
+    def best_time(fn, budget_s):
+        calls.append(1)
+        return 1.0 / next(ticks)
+
+    monkeypatch.setattr(optimize, "_best_time", best_time)
+    return calls
+
+
+def test_optimised_detector_gives_the_same_detections(fake_clock):
+    """Kernel choice is pinned by the fake clock, however busy the machine is."""
     from res2det.models.detectors import build_detector
     from test_det_units import tiny_config
-
-    ticks = itertools.count(1)
-    monkeypatch.setattr(optimize, "_best_time", lambda fn, budget_s: 1.0 / next(ticks))
 
     torch.manual_seed(0)
     model = build_detector(tiny_config(with_mask=True)).eval()
@@ -110,3 +129,70 @@ def test_optimised_detector_gives_the_same_detections(monkeypatch):
     differ = (a["masks"] ^ b["masks"]).flatten(1).sum(1)
     union = (a["masks"] | b["masks"]).flatten(1).sum(1)
     assert (differ <= (0.02 * union).clamp(min=4)).all(), differ.max()
+
+
+# ------------------------------------------------------------------------------------- cached kernel plans
+def _bindings(model) -> dict:
+    return {n: (m.kernel, m.layout) for n, m in model.named_modules() if isinstance(m, FusedConv2d)}
+
+
+def test_kernel_plan_is_measured_once_per_machine_and_shape(tmp_path, fake_clock):
+    from res2det.optimize import plan_file
+
+    torch.manual_seed(0)
+    model = _with_bn_statistics(res2det.create_model("res2net50_26w_4s"))
+    x = torch.randn(1, 3, 64, 96)
+    first = optimize_for_inference(model, x)
+    assert fake_clock and not first.kernel_plan["cached"]
+    path = plan_file(first, x)
+    assert first.kernel_plan["file"] == str(path) and path.is_file() and path.parent == tmp_path / "kernel_plans"
+    assert set(_bindings(first).values()) - {("aten", None)}  # the fake clock made it pick other kernels
+
+    fake_clock.clear()
+    again = optimize_for_inference(model, x)
+    assert not fake_clock, "a cached plan must not be measured again"
+    assert again.kernel_plan["cached"] and again.kernel_plan["file"] == str(path)
+    assert _bindings(again) == _bindings(first) and again.stage_layouts == first.stage_layouts
+    with torch.no_grad():
+        ref = model(x)
+        assert (again(x) - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()  # kernels reorder float sums
+
+    optimize_for_inference(model, torch.randn(1, 3, 96, 64))  # another input shape: measured, a second plan
+    assert fake_clock and len(list(path.parent.iterdir())) == 2
+
+
+@pytest.mark.parametrize("damage", ["not json", "wrong kernel", "wrong names"])
+def test_a_damaged_or_stale_plan_is_measured_again(fake_clock, damage):
+    import json
+
+    model = _with_bn_statistics(res2det.create_model("res2net50_26w_4s"))
+    x = torch.randn(1, 3, 64, 64)
+    path = Path(optimize_for_inference(model, x).kernel_plan["file"])
+    plan = json.loads(path.read_text())
+    if damage == "not json":
+        path.write_text('{"stage_layouts": [')
+    elif damage == "wrong kernel":
+        plan["convs"][next(iter(plan["convs"]))][0] = "no-such-kernel"
+        path.write_text(json.dumps(plan))
+    else:
+        plan["convs"] = {f"x.{n}": v for n, v in plan["convs"].items()}
+        path.write_text(json.dumps(plan))
+    fake_clock.clear()
+    opt = optimize_for_inference(model, x)
+    assert fake_clock and not opt.kernel_plan["cached"]
+    assert json.loads(path.read_text())["convs"] == json.loads(json.dumps(opt.kernel_plan["convs"]))  # rewritten
+    with torch.no_grad():
+        ref = model(x)
+        assert (opt(x) - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+
+
+def test_split_of_a_channels_last_tensor_counts_as_channels_last():
+    """Res2Net's splits of a channels-last activation must stay channels-last (a copy back to NCHW per split
+    conv cost 20% of a detector's time)."""
+    from res2det.models.backbones.fuse import _layout
+
+    x = torch.randn(1, 104, 20, 30).contiguous(memory_format=torch.channels_last)
+    assert _layout(x) == torch.channels_last and _layout(x[:, 26:52]) == torch.channels_last
+    assert _layout(x.contiguous()) == torch.contiguous_format
+    assert _layout(x.contiguous()[:, 26:52]) == torch.contiguous_format
+    assert _layout(torch.randn(8, 256, 1, 1)) == torch.contiguous_format  # ambiguous: left as it is

@@ -13,7 +13,7 @@ import torch
 from ..version import __version__
 from ..checkpoint import append_text, atomic_write
 from ..errors import Res2DetError
-from .common import check_output, run, text_table
+from .common import OPTIMIZE_HELP, check_output, optimized, run, text_table
 
 
 def cmd_list(args) -> None:
@@ -206,6 +206,8 @@ def cmd_infer(args) -> None:
     onnx_runtime = args.onnx is not None or args.backend == "onnxruntime"
     if onnx_runtime and args.precision != "fp32":
         raise Res2DetError("ONNX Runtime runs the graph in fp32; --precision applies to the PyTorch backend")
+    if args.optimize and (onnx_runtime or args.precision != "fp32"):
+        raise Res2DetError("--optimize is the fp32 PyTorch path's; leave out --precision, --backend and --onnx")
     images = expand_images(args.images)
     for image in images:  # fail on a missing or non-image file before building the model
         check_image(image)
@@ -238,6 +240,8 @@ def cmd_infer(args) -> None:
             from ..deploy import onnx_backend
 
             model = onnx_backend(model, model_name=args.model, check_image=images[0])
+        if args.optimize and images:
+            model = optimized(model, images[0])
     if args.coco_json:  # ids checked before any image runs
         image_ids, cat_ids = _coco_ids(args.ann, all_images, tuple(model.class_names))
     draw_dir = Path(args.draw) if args.draw else None
@@ -321,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="PyTorch autocast precision of the layers (scores, boxes, NMS and masks stay fp32); "
                         "falls back to fp32 with a warning where the device has no native instructions for it")
+    p.add_argument("--optimize", action="store_true", help=OPTIMIZE_HELP)
     p.add_argument("--batch-size", type=int, default=1, help="images per forward pass (PyTorch backend)")
     p.add_argument("--workers", type=int, default=0, help="background processes that decode and resize images "
                    "while the model runs")

@@ -6,7 +6,8 @@ import dataclasses
 from pathlib import Path
 
 from ..errors import Res2DetError
-from .common import check_output
+from ..images import pad_batch
+from .common import OPTIMIZE_HELP, check_output, optimized
 
 
 def _config(args):
@@ -114,6 +115,10 @@ def cmd_test(args) -> None:
                            "evaluate on data with the same categories")
     model = create_model(cfg.model, weights=args.weights, **cfg.model_options, num_classes=len(names),
                          class_names=names).to(dist.device)
+    if args.optimize:
+        if args.precision != "fp32":
+            raise Res2DetError("--optimize is the fp32 path's; leave out --precision")
+        model = optimized(model.eval(), pad_batch([val[0]["image"]]).to(dist.device))
     run_dir = new_run_dir(cfg.out_dir, f"{_run_name(args.config)}-test")
     metrics = evaluate_model(model, val, batch_size=cfg.batch_size, device=dist.device, out_dir=run_dir,
                              precision=args.precision, num_workers=cfg.data.num_workers)
@@ -145,4 +150,5 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", required=True, help="checkpoint file (res2det, mmdet, Paddle ...)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="autocast precision of the layers, as `res2det infer --precision`")
+    p.add_argument("--optimize", action="store_true", help=OPTIMIZE_HELP)
     p.set_defaults(func=cmd_test)

@@ -22,7 +22,11 @@ CL = torch.channels_last
 
 
 def _layout(x: torch.Tensor) -> torch.memory_format:
-    return CL if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=CL) else torch.contiguous_format
+    """Channels-last when channels are the innermost dimension: a channels-last tensor, and also a channel
+    slice of one (Res2Net's splits), which PyTorch's kernels treat as channels-last too."""
+    if x.dim() == 4 and x.shape[1] > 1 and x.stride(1) == 1 and x.shape[2] * x.shape[3] > 1:
+        return CL
+    return torch.contiguous_format
 
 
 def _prepacked_ops():
@@ -55,6 +59,7 @@ class FusedConv2d(nn.Module):
         self.kernel = "aten"
         self.layout: torch.memory_format | None = None
         self._prepared = None
+        self.input_shape: tuple[int, ...] | None = None  # the input shape the kernel was bound for
 
     def candidates(self) -> list[str]:
         kernels = ["aten"]
@@ -72,6 +77,7 @@ class FusedConv2d(nn.Module):
 
     def bind(self, kernel: str, layout: torch.memory_format | None, input_shape: torch.Size) -> None:
         self.kernel, self.layout, self._prepared = kernel, layout, None
+        self.input_shape = tuple(input_shape)
         if kernel == "prepacked":
             self._prepared = _prepacked_ops().conv2d_prepack(
                 self.weight, self.bias, list(self.stride), list(self.padding), list(self.dilation), self.groups,
