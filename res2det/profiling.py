@@ -150,7 +150,19 @@ def _proc_status(field: str) -> int | None:
     return int(m[1]) * 1024 if m else None
 
 
+def _return_free_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc's malloc_trim), so that memory freed earlier in
+    this process (by an earlier model) is counted again when reused: RSS only sees pages newly touched."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: RSS figures may undercount in a long-running process
+        pass
+
+
 def rss_bytes() -> int:
+    _return_free_memory()
     rss = _proc_status("VmRSS")
     return rss if rss is not None else 0
 
@@ -190,6 +202,7 @@ class PeakMemory:
         elif _proc_status("VmHWM") is None:
             self.method = "process peak RSS since start (getrusage; no /proc: not reset, no baseline)"
         else:
+            _return_free_memory()
             reset = _reset_peak_rss()
             self.method = ("peak RSS (VmHWM, reset per phase) - RSS before the model was built" if reset else
                            "process peak RSS since start (could not reset) - RSS before the model was built")
