@@ -148,7 +148,8 @@ def main(argv=None) -> dict:
     for r in rows:
         agree = "-" if r["found"] is None else \
             f"{r['found'] * 100:.0f}% of {r['reference_detections']} found, max score diff {r['max_score_diff']:.1e}"
-        print(f"{r['model']:32s} {r['path']:28s} {r['seconds']:8.2f} {r['speedup']:7.2f}x  {agree}; once: {one_time(r)}")
+        print(f"{r['model']:32s} {r['path']:28s} {r['seconds']:8.2f} {r['speedup']:7.2f}x  {agree}; "
+              f"once: {one_time(r)}")
     result = dict(rows=rows, cpu=cpu_name(), threads=torch.get_num_threads(), torch=torch.__version__,
                   rounds=args.rounds, photo=args.photo.name, native_bf16=native_bf16)
     write_json(args.json, result)

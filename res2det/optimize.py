@@ -8,7 +8,8 @@ it. Res2Net's many narrow 3x3 convs (26..208 channels) gain most: they are laten
 default dispatch sends several of them to slow paths.
 
 The choices depend on shapes, so the result is meant for inputs shaped like ``example``; other shapes still
-give correct outputs, possibly more slowly.
+give correct outputs, possibly more slowly. Measuring takes minutes for a detector, so the choices (the
+"kernel plan") are cached per machine, model layout and input shape (``plan_file``) and bound from there.
 """
 from __future__ import annotations
 
@@ -136,11 +137,12 @@ def select_kernels(model: nn.Module, example: torch.Tensor, *, within: nn.Module
 
 
 @torch.inference_mode()
-def select_stage_layouts(model: ResNet, example: torch.Tensor, *, budget_s: float = 0.05, **kwargs) -> list[str]:
+def select_stage_layouts(model: ResNet, example: torch.Tensor, *, budget_s: float = 0.05, memo: dict | None = None,
+                         **kwargs) -> list[str]:
     """For each stage in turn, keep the activation layout (NCHW or channels-last) under which the stage, with
     its kernels selected for that layout, runs faster. Stages are timed alone, on the input the model gives
     them (recorded once)."""
-    memo = kwargs.pop("memo", {})
+    memo = {} if memo is None else memo
     stages = _layout_stages(model)
     x = _record_inputs(model, example, {"stage": stages[0][0]})["stage"]  # stages run block by block
     choices = []
@@ -177,15 +179,17 @@ def _fuse_head_convs(module: nn.Module) -> None:
             _fuse_head_convs(child)
 
 
-def _machine() -> dict:
-    """What kernel timings depend on, besides the layer: the CPU, its vector instructions, torch, threads."""
+def _machine(device: torch.device) -> dict:
+    """What kernel timings depend on, besides the layer: the CPU, its vector instructions, torch, threads (and
+    the GPU, for a model on one)."""
     from .inference import _cpu_flags
     from .profiling import device_name
 
     flags = sorted(_cpu_flags() & {"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16",
                                    "amx_tile", "amx_bf16", "amx_fp16"})
     return dict(cpu=device_name("cpu"), flags=flags, torch=torch.__version__, threads=torch.get_num_threads(),
-                mkldnn=torch.backends.mkldnn.is_available())
+                mkldnn=torch.backends.mkldnn.is_available(),
+                device=device_name("cuda") if device.type == "cuda" else device.type)
 
 
 def _convs(model: nn.Module) -> dict[str, FusedConv2d]:
@@ -197,8 +201,9 @@ def plan_file(model: nn.Module, example: torch.Tensor) -> Path:
     machine is cached: named by a hash of the machine, every conv's name and shape, and the input's shape."""
     convs = [(n, list(m.weight.shape), m.stride, m.padding, m.dilation, m.groups, m.relu)
              for n, m in _convs(model).items()]
-    key = json.dumps(dict(format=PLAN_FORMAT, machine=_machine(), convs=convs, example=list(example.shape),
-                          dtype=str(example.dtype), layout=_LAYOUT_NAMES[_layout(example)]), sort_keys=True)
+    key = json.dumps(dict(format=PLAN_FORMAT, machine=_machine(example.device), convs=convs,
+                          example=list(example.shape), dtype=str(example.dtype),
+                          layout=_LAYOUT_NAMES[_layout(example)]), sort_keys=True)
     return cache_dir() / "kernel_plans" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
 
 
@@ -206,8 +211,8 @@ def _backbone(model: nn.Module) -> ResNet:
     return model if isinstance(model, ResNet) else model.backbone
 
 
-def _current_plan(model: nn.Module) -> dict:
-    return dict(format=PLAN_FORMAT, machine=_machine(),
+def _current_plan(model: nn.Module, device: torch.device) -> dict:
+    return dict(format=PLAN_FORMAT, machine=_machine(device),
                 stage_layouts=[_LAYOUT_NAMES[s[0].layout] for s in _layout_stages(_backbone(model))],
                 convs={n: [m.kernel, None if m.layout is None else _LAYOUT_NAMES[m.layout], m.input_shape]
                        for n, m in _convs(model).items() if m.input_shape is not None})
@@ -263,8 +268,9 @@ def optimize_for_inference(model: nn.Module, example: torch.Tensor | ImageLike, 
     other convs, in the neck and heads, get kernel selection too). ``select=False`` applies only the inference
     form (BN folding etc.). With ``cache`` the measured choices (the "kernel plan") are kept in the cache
     folder per machine, model layout and input shape (``plan_file``), so only the first call measures; the
-    plan used is ``optimised.kernel_plan`` (with ``cached``, ``file`` and, when measured, ``selection_s``). For a detector ``example`` may also be an image (file, PIL image,
-    array), pre-processed as ``predict`` does."""
+    plan used is ``optimised.kernel_plan`` (with ``cached``, ``file`` and, when measured, ``selection_s``).
+    For a detector ``example`` may also be an image (file, PIL image, array), pre-processed as ``predict``
+    does."""
     if not isinstance(example, torch.Tensor):
         if not hasattr(model, "preprocess"):
             raise TypeError("optimize_for_inference: an image example needs a detector; give a tensor")
@@ -291,7 +297,7 @@ def optimize_for_inference(model: nn.Module, example: torch.Tensor | ImageLike, 
     else:
         start = time.perf_counter()
         _select(optimised, example)
-        plan = dict(_current_plan(optimised), selection_s=round(time.perf_counter() - start, 1))
+        plan = dict(_current_plan(optimised, example.device), selection_s=round(time.perf_counter() - start, 1))
         if path is not None:
             atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(plan, indent=1)))
         plan.update(cached=False, file=None if path is None else str(path))

@@ -61,7 +61,8 @@ def optimized(model, example):
 
     model = optimize_for_inference(model, example)
     plan = model.kernel_plan
-    where = f"from {plan['file']}" if plan["cached"] else f"measured in {plan['selection_s']:.0f} s, kept in {plan['file']}"
+    where = (f"from {plan['file']}" if plan["cached"] else
+             f"measured in {plan['selection_s']:.0f} s, kept in {plan['file']}")
     print(f"--optimize: kernel plan {where}")
     return model
 
