@@ -6,7 +6,7 @@
 Paths (each the whole ``predict`` of the same image, with the seed-0 reference weights of ../shared when present):
 
 * ``fp32 eager``: ``model.predict(photo)``, the exact path and the default;
-* ``fp32 optimised``: ``optimize_for_inference(model, x)`` (BN folded, ReLU fused, grouped stage-block convs,
+* ``fp32 optimised``: ``optimize_for_inference(model, photo)`` (BN folded, ReLU fused, grouped stage-block convs,
   each conv bound to its fastest kernel and layout by the kernel plan measured once per machine and input shape
   and cached: what ``infer --optimize`` runs), then its ``predict``; the plan's measuring time is reported;
 * ``bf16 autocast``: ``predict`` with the layers under ``torch.autocast(bfloat16)`` (what ``precision='bf16'``
@@ -37,7 +37,6 @@ import res2det  # noqa: E402
 from res2det import inference  # noqa: E402
 from res2det.cli.benchmark import rewrite_block  # noqa: E402
 from res2det.errors import Res2DetError  # noqa: E402
-from res2det.images import detection_input, pad_batch, to_rgb_uint8  # noqa: E402
 from res2det.ops import box_iou  # noqa: E402
 from res2det.optimize import optimize_for_inference  # noqa: E402
 
@@ -107,9 +106,7 @@ def main(argv=None) -> dict:
             weights = seeded_reference_weights(name)
             model = (res2det.create_model(name, weights=str(weights)) if weights is not None
                      else build_model(name, full_load=False)).eval()  # random: finite eval-mode activations
-            rgb = to_rgb_uint8(photo)
-            x = pad_batch([detection_input(rgb, model.preprocess)[0]])
-            optimised = optimize_for_inference(model, x)
+            optimised = optimize_for_inference(model, photo)
             plan_s = None if optimised.kernel_plan["cached"] else optimised.kernel_plan["selection_s"]
             paths = {"fp32 eager": lambda p, m=model: m.predict(p), "fp32 optimised": lambda p: optimised.predict(p)}
             if native_bf16 or args.emulated:

@@ -114,10 +114,11 @@ def select_kernels(model: nn.Module, example: torch.Tensor, *, within: nn.Module
                    budget_s: float = 0.02, min_gain: float = 0.05, memo: dict | None = None) -> dict:
     """Bind every ``FusedConv2d`` in ``within`` (default: all of ``model``) to its fastest (kernel, layout) for
     the input it sees when ``model`` runs on ``example`` (one run records them all); convs of identical shape
-    and input share one measurement (across calls too, through ``memo``). Returns the choices by name."""
+    and input share one measurement (across calls too, through ``memo``). Returns the choices by their names
+    in ``model``."""
     parts = [model] if within is None else within if isinstance(within, list) else [within]
-    convs = {f"{i}.{n}": m for i, part in enumerate(parts) for n, m in part.named_modules()
-             if isinstance(m, FusedConv2d)}
+    members = {id(m) for part in parts for m in part.modules()}
+    convs = {n: m for n, m in _convs(model).items() if id(m) in members}
     inputs = _record_inputs(model, example, convs)
     memo = {} if memo is None else memo
     chosen = {}
@@ -132,7 +133,7 @@ def select_kernels(model: nn.Module, example: torch.Tensor, *, within: nn.Module
         else:
             conv.bind(memo[key][0], memo[key][1], x.shape)
         kernel, layout = memo[key]
-        chosen[name.split(".", 1)[1]] = kernel + ("" if layout is None else f"/{_LAYOUT_NAMES[layout]}")
+        chosen[name] = kernel + ("" if layout is None else f"/{_LAYOUT_NAMES[layout]}")
     return chosen
 
 
@@ -251,10 +252,10 @@ def _select(optimised: nn.Module, example: torch.Tensor) -> None:
     memo: dict = {}
     backbone = _backbone(optimised)
     if backbone is optimised:
-        backbone.stage_layouts = select_stage_layouts(backbone, example, memo=memo)
+        select_stage_layouts(backbone, example, memo=memo)
         return
     backbone_input = _record_inputs(optimised, example, {"backbone": backbone})["backbone"]
-    backbone.stage_layouts = select_stage_layouts(backbone, backbone_input, memo=memo)
+    select_stage_layouts(backbone, backbone_input, memo=memo)
     heads = [child for name, child in optimised.named_children() if name != "backbone"]
     select_kernels(optimised, example, within=heads, memo=memo)
 

@@ -104,6 +104,8 @@ def cmd_test(args) -> None:
     from ..evaluation import evaluate_model
     from ..zoo import create_model, recorded_options
 
+    if args.optimize and args.precision != "fp32":
+        raise Res2DetError("--optimize is the fp32 path's; leave out --precision")
     cfg = _config(args)
     dist = init_distributed(cfg.device)
     val = build_dataset(cfg, model_preprocess(cfg), "val")
@@ -116,8 +118,6 @@ def cmd_test(args) -> None:
     model = create_model(cfg.model, weights=args.weights, **cfg.model_options, num_classes=len(names),
                          class_names=names).to(dist.device)
     if args.optimize:
-        if args.precision != "fp32":
-            raise Res2DetError("--optimize is the fp32 path's; leave out --precision")
         model = optimized(model.eval(), pad_batch([val[0]["image"]]).to(dist.device))
     run_dir = new_run_dir(cfg.out_dir, f"{_run_name(args.config)}-test")
     metrics = evaluate_model(model, val, batch_size=cfg.batch_size, device=dist.device, out_dir=run_dir,
