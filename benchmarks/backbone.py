@@ -11,7 +11,7 @@ convs, and on CPU in fp32 the per-layer kernel and layout selection measured on 
 time is reported). On CUDA and with ``--amp`` it is the fusion alone: the selection's candidate kernels are
 CPU fp32 ones. ``--amp`` runs every variant under ``torch.autocast`` (float16 on CUDA, bfloat16 on CPU).
 Every optimised model's output is checked against eager in fp32 (max abs diff printed; must stay <= 1e-4).
-``--markdown`` prints the table in the README's format.
+``--markdown`` prints the table in the format of docs/inference.md's backbone table.
 """
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ def write_json(path: Path | None, result: dict) -> None:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """The README's backbone table."""
+    """The backbone table of docs/inference.md."""
     lines = ["| setting | model | params (M) | GMACs | eager ms | optimised ms | speed-up | vs ResNet (both optimised) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -116,7 +116,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=MODELS)
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    ap.add_argument("--markdown", action="store_true", help="also print the table as README markdown")
+    ap.add_argument("--markdown", action="store_true", help="also print the table as markdown (docs/inference.md)")
     args = parse_run_options(ap, argv, warmup=(3, 10), repeats=(15, 50), repeats_note="; 800x1333 on CPU: at most 7")
     cuda = args.device == "cuda"
     select = not cuda and not args.amp

@@ -9,8 +9,8 @@
 # 2. detector latency at 800x1333 (Faster / Mask R2-101; eager and optimised) in fp32, fp16 and bf16 autocast
 #    (benchmarks/detector.py);
 # 3. one AMP training step of Faster and Mask R2-101 at 800x1333, batch 2, with peak memory against
-#    mmdetection's published 7.4 / 7.9 GB (benchmarks/train.py), which also writes the README's GPU rows
-#    into $OUT/README.train-table.md.
+#    mmdetection's published 7.4 / 7.9 GB (benchmarks/train.py), which also writes the GPU rows of
+#    docs/training.md's table into $OUT/training.train-table.md.
 # Each step has its own time limit, so a slow or failing step does not cost the others.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -53,7 +53,7 @@ step latency_fp16 80 "$PY" benchmarks/detector.py --device cuda --amp --amp-dtyp
     --json "$OUT/latency_fp16.json"
 step latency_bf16 80 "$PY" benchmarks/detector.py --device cuda --amp --amp-dtype bf16 --models $MODELS \
     --json "$OUT/latency_bf16.json"
-cp README.md "$OUT/README.train-table.md"
+cp docs/training.md "$OUT/training.train-table.md"
 step train_amp 120 "$PY" benchmarks/train.py --device cuda --amp --batch 2 --size 800x1333 --models $MODELS \
-    --json "$OUT/train.json" --readme "$OUT/README.train-table.md"
+    --json "$OUT/train.json" --readme "$OUT/training.train-table.md"
 exit $status

@@ -1,7 +1,7 @@
 """Inference paths side by side: full ``predict`` (decode, resize, detect, paste) of one real photo per path.
 
     python benchmarks/inference.py [--models NAME ...] [--photo FILE] [--rounds 3] [--threads 2] [--json OUT]
-                                   [--readme README.md]
+                                   [--readme docs/inference.md]
 
 Paths (each the whole ``predict`` of the same image, with the seed-0 reference weights of ../shared when present):
 
@@ -16,7 +16,7 @@ Paths (each the whole ``predict`` of the same image, with the seed-0 reference w
 Timing: one warm-up call per path, then ``--rounds`` interleaved rounds (every path once per round); the median
 per path and its ratio to fp32 eager. Agreement with fp32 eager: the share of its detections scoring >= 0.3
 found again (same label, box IoU >= 0.5), and the largest score difference among those. ``--readme`` rewrites
-the ``<!-- inference-table:start/end -->`` block of that file with the table.
+the ``<!-- inference-table:start/end -->`` block of that file with the table (it lives in docs/inference.md).
 """
 from __future__ import annotations
 

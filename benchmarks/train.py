@@ -2,7 +2,7 @@
 
     python benchmarks/train.py [--device cpu|cuda] [--amp] [--batch N] [--size 800x1333] [--warmup N]
                                [--repeats N] [--threads N] [--models NAME ...] [--json OUT] [--readme PATH]
-    python benchmarks/train.py --merge cpu.json gpu.json [--readme README.md]
+    python benchmarks/train.py --merge cpu.json gpu.json [--readme docs/training.md]
 
 Each (model, precision) runs in a fresh process as ``res2det benchmark MODEL --train-only`` (the training step
 of ``res2det benchmark --train``, see ``res2det/profiling.py``): one SGD step (lr 0.02 x batch / 16,

@@ -1,5 +1,5 @@
 """``res2det benchmark``: params, GFLOPs, latency, fps and peak memory of zoo models (measured by
-``res2det.profiling``, whose docstring says how), and the README zoo table."""
+``res2det.profiling``, whose docstring says how), and the zoo table of docs/model-zoo.md."""
 from __future__ import annotations
 
 import argparse
@@ -21,7 +21,7 @@ from ..profiling import benchmark_model, check_options, default_size, is_detecto
 from .common import parse_size, text_table
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the res2det package
-README = PACKAGE_ROOT / "README.md"
+ZOO_PAGE = PACKAGE_ROOT / "docs" / "model-zoo.md"  # the page whose zoo-table block --all / --merge rewrite
 ZOO_MARKER = "zoo-table"
 
 
@@ -82,7 +82,7 @@ def load_runs(paths: list[str]) -> list[dict]:
 
 
 def zoo_markdown(runs: list[dict]) -> str:
-    """The README zoo tables from one or more runs (each ``{"meta", "results"}``; e.g. a CPU run and a GPU
+    """The zoo tables (docs/model-zoo.md) from one or more runs (each ``{"meta", "results"}``; e.g. a CPU run and a GPU
     run made on different machines): registry columns, then per run 'ms / fps / peak MiB' (and training)."""
     from ..zoo import MODELS
 
@@ -245,7 +245,7 @@ HELP = (profiling.__doc__ or "").partition("How the figures are made")[2].partit
 EPILOG = """examples:
   res2det benchmark res2net50_26w_4s                     # CPU, 224x224, batch 1
   res2det benchmark mask_rcnn_r2_101_fpn_2x_coco --size 800x1333 --train --json mask.json
-  res2det benchmark --all --json bench_out/zoo_cpu.json  # every zoo row; rewrites the README zoo table
+  res2det benchmark --all --json bench_out/zoo_cpu.json  # every zoo row; rewrites docs/model-zoo.md's table
   res2det benchmark --all --device cuda --json bench_out/zoo_cuda.json --readme none   # on a GPU machine
   res2det benchmark --merge bench_out/zoo_cpu.json bench_out/zoo_cuda.json           # one table, both runs
 """
@@ -257,15 +257,15 @@ DESCRIPTION = "Benchmark zoo models. How the figures are made:\n" + HELP
 def add_parser(sub) -> None:
     """Register ``res2det benchmark`` on the main CLI's subparsers."""
     configure_parser(sub.add_parser("benchmark", help="params, GFLOPs, latency/fps, peak memory (and training "
-                                    "step) of zoo models; the README zoo table", description=DESCRIPTION,
+                                    "step) of zoo models; the zoo table of docs/model-zoo.md", description=DESCRIPTION,
                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter))
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", help="a zoo model (see `res2det list`)")
     p.add_argument("--all", action="store_true", help="every zoo model, each in a fresh process; rewrites the "
-                   "README zoo table (classifiers at their own 224x224, detectors at --size)")
-    p.add_argument("--merge", nargs="+", metavar="JSON", help="build the README zoo table from `--all --json` "
+                   "zoo table of docs/model-zoo.md (classifiers at their own 224x224, detectors at --size)")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="build the zoo table from `--all --json` "
                    "files of several runs (e.g. a CPU and a GPU machine); measures nothing")
     p.add_argument("--models", nargs="+", metavar="NAME", help="with --all: only these models")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -285,7 +285,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON ({'meta', 'results'})")
     p.add_argument("--readme", metavar="PATH", help="with --all / --merge: the file whose <!-- zoo-table:start/end "
-                   "--> block is rewritten (default: this checkout's README.md; 'none': do not write)")
+                   "--> block is rewritten (default: this checkout's docs/model-zoo.md; 'none': do not write)")
     p.add_argument("--no-progress", action="store_true", help="no progress output on stderr")
     p.set_defaults(func=cmd_benchmark)
 
@@ -299,7 +299,7 @@ def _write_json(path: str, data: dict) -> None:
 def _readme_target(arg: str | None) -> Path | None:
     if arg == "none":
         return None
-    path = Path(arg) if arg else README
+    path = Path(arg) if arg else ZOO_PAGE
     if arg is None and not path.is_file():
         print(f"note: {path} not found; pass --readme PATH to write the zoo table", file=sys.stderr)
         return None
@@ -359,7 +359,7 @@ def cmd_benchmark(args) -> None:
         failed = [r["model"] for r in results if "error" in r]
         if args.readme is None and args.models:
             target = None  # a subset would drop the other rows; merge it with --merge, or name --readme
-            print("note: --models given, so the README is not rewritten (pass --readme PATH to write it)")
+            print("note: --models given, so the zoo table is not rewritten (pass --readme PATH to write it)")
         else:
             target = _readme_target(args.readme)
         if target is not None:

@@ -1,5 +1,5 @@
 """`res2det benchmark`, `res2det zoo` and benchmarks/train.py, at tiny sizes (the real figures come from the
-commands in the README, never from timed assertions here)."""
+commands in docs/model-zoo.md, never from timed assertions here)."""
 from __future__ import annotations
 
 import json
@@ -151,11 +151,11 @@ def test_zoo_measures_and_caches(tmp_path, monkeypatch, capsys):
 
 
 def test_rewrite_block_touches_only_the_marked_block(tmp_path):
-    readme = ROOT / "README.md"
+    readme = ROOT / "docs" / "model-zoo.md"
     text = readme.read_text(encoding="utf-8")
     start, end = f"<!-- {ZOO_MARKER}:start -->", f"<!-- {ZOO_MARKER}:end -->"
     assert text.count(start) == 1 and text.count(end) == 1
-    copy = tmp_path / "README.md"
+    copy = tmp_path / "model-zoo.md"
     copy.write_text(text, encoding="utf-8")
     rewrite_block(copy, ZOO_MARKER, "| new | table |")
     new = copy.read_text(encoding="utf-8")
@@ -168,7 +168,7 @@ def test_rewrite_block_touches_only_the_marked_block(tmp_path):
 
 
 def test_all_subset_writes_json_and_readme(tmp_path):
-    """--all runs each model in a fresh process; the README block gets one row per model."""
+    """--all runs each model in a fresh process; the page's zoo-table block gets one row per model."""
     readme = tmp_path / "README.md"
     readme.write_text(f"# title\nbefore\n<!-- {ZOO_MARKER}:start -->\nold\n<!-- {ZOO_MARKER}:end -->\nafter\n")
     out = tmp_path / "all.json"
