@@ -772,7 +772,7 @@ _BAD_SETTINGS = {  # field -> bad values (as typed after --set field=)
     "recipe.base_batch_size": ["0", "-4", "2.5"],
     "recipe.momentum": ["1", "1.5", "-0.1", "abc"],
     "recipe.weight_decay": ["-1e-4", "abc", "1e999"],
-    "recipe.warmup_iters": ["-1", "1.5"],
+    "recipe.warmup_iters": ["-1", "1.5", "1"],
     "recipe.warmup_ratio": ["0", "1.5", "-0.5", "abc"],
     "data.flip_prob": ["-0.1", "7", "abc", "1e999"],
     "data.num_workers": ["-2", "1.5", "abc", "1e999"],
