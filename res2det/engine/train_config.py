@@ -111,6 +111,9 @@ class DataConfig:
     scale: tuple[int, int] | None = None  # (long, short) resize bounds; None: the model's own (e.g. 1333x800)
     train_scale_range: tuple[int, int] | None = None  # short side drawn from this range in training (multi-scale)
     flip_prob: float = 0.5
+    # False: every epoch the same batches of consecutive images in the annotation file's order (no shuffling, no
+    # aspect grouping), to replay a reference run batch by batch
+    shuffle: bool = True
     on_bad: Literal["fail", "skip"] = "fail"
     num_workers: int = 2
 
@@ -146,6 +149,9 @@ class TrainConfig:
     draw: int = 6  # validation images drawn after training
     out_dir: str = "runs"
     max_iters: int | None = None  # stop early (smoke runs); the schedule still follows ``recipe``
+    # every sampler (RPN and R-CNN stages) keeps every positive and negative: no random draw, so a step is a
+    # function of weights and batch (to replay a reference run; mmdetection's sampler ``num`` = 10^8)
+    exhaustive_sampling: bool = False
     device: str = "auto"  # 'auto' = cuda (the local rank's GPU) when available, else cpu
 
     def __post_init__(self) -> None:
