@@ -18,7 +18,9 @@ user's path: a ``TrainConfig`` built from the fixture's meta (``replay_config``)
 
 Runtime: all five R2-101 detectors take several minutes on 2 cores, so by default only Mask R-CNN and HTC run;
 ``RES2DET_TRAJECTORY_ALL=1`` runs every fixture, and so does any ``RES2DET_TRAJECTORY_FIXTURES`` folder.
-``python -m pytest -s tests/engine/test_train_trajectory.py`` prints the worst differences per detector.
+``python -m pytest -s tests/engine/test_train_trajectory.py`` prints the worst differences per detector; with
+``RES2DET_TRAJECTORY_FLOAT64=1`` the model runs in float64 (its input cast on the way in), so the printed
+differences are the reference's own float32 error.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ from conftest import REFERENCE
 _FOLDER_ENV = os.environ.get("RES2DET_TRAJECTORY_FIXTURES")
 FIXTURES = Path(_FOLDER_ENV or REFERENCE / "parity" / "trajectory")
 RUN_ALL = bool(_FOLDER_ENV) or os.environ.get("RES2DET_TRAJECTORY_ALL") == "1"
+FLOAT64 = os.environ.get("RES2DET_TRAJECTORY_FLOAT64") == "1"
 DEFAULT_DETECTORS = ("mask_rcnn_", "htc_")  # config-name prefixes run by default (the richest data paths)
 
 LR_RTOL = 1e-9
@@ -215,6 +218,9 @@ def test_training_trajectory_matches_mmdetection(path, seeded_weights, tmp_path,
     # in place: the optimiser built by the Trainer holds these very parameters
     load_state_dict_strict(trainer.model, get_spec(name).key_maps["mmdet"](state), source=f"{meta['layout']} seed 0")
     check_first_batch(trainer, fx["batch"])
+    if FLOAT64:
+        trainer.model.double()
+        trainer.model.register_forward_pre_hook(lambda module, args: (args[0].double(), *args[1:]))
 
     theta0 = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     rois = record_rois(trainer.model)
@@ -226,7 +232,8 @@ def test_training_trajectory_matches_mmdetection(path, seeded_weights, tmp_path,
 
     worst, failures = check_iterations(run / "log.jsonl", fx, rois)
     worst_updates, update_failures = check_updates(trainer.model, theta0, fx, name)
-    print(f"\n{name}: " + ", ".join(f"{k} {v:.2e}" for k, v in {**worst, **worst_updates}.items()))
+    measured = ", ".join(f"{k} {v:.2e}" for k, v in {**worst, **worst_updates}.items())
+    print(f"\n{name}{' (float64)' if FLOAT64 else ''}: {measured}")
     assert not failures + update_failures, f"{name} differs from mmdetection:\n" + "\n".join(failures + update_failures)
 
 
