@@ -779,6 +779,8 @@ _BAD_SETTINGS = {  # field -> bad values (as typed after --set field=)
     "data.scale": ["(0,0)", "(-1,64)", "(1.5,2)", "(1,2,3)", "5", "abc"],
     "data.train_scale_range": ["(800,600)", "(0,600)", "(600,)", "600"],
     "data.on_bad": ["maybe", "1", "None"],
+    "data.shuffle": ["maybe", "2"],
+    "exhaustive_sampling": ["maybe", "1"],
     "data.root": ["5", "(1,2)"],
     "data.train_split": ["5", "None"],
     "batch_size": ["0", "-1", "2.5", "None", "abc"],
