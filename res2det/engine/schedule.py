@@ -32,8 +32,9 @@ def lr_factor(iteration: int, iters_per_epoch: int, recipe: Recipe) -> float:
     ``LinearLR`` over ``[0, W)`` spans ``W - 1`` steps (its ``total_iters = end - begin - 1``): the factor at
     iteration ``t`` is ``start + (1 - start) * min(t, W - 1) / (W - 1)``, so the full rate is reached at iteration
     ``W - 1`` (499 for the published 500), not ``W``; ``W = 0`` is no warm-up (``Recipe`` refuses 1, with which
-    mmengine's ``LinearLR`` would keep the start factor for the whole run). ``MultiStepLR`` by epoch multiplies by ``gamma`` at iteration
-    ``m * iters_per_epoch`` for each milestone ``m``, i.e. from the first iteration of epoch ``m + 1``."""
+    mmengine's ``LinearLR`` would keep the start factor for the whole run). ``MultiStepLR`` by epoch multiplies
+    by ``gamma`` at iteration ``m * iters_per_epoch`` for each milestone ``m``, i.e. from the first iteration of
+    epoch ``m + 1``."""
     epoch = iteration // max(iters_per_epoch, 1)
     factor = recipe.gamma ** bisect.bisect_right(sorted(recipe.milestones), epoch)
     span = recipe.warmup_iters - 1
