@@ -260,7 +260,7 @@ def test_trainer_step_is_the_same_step(tmp_path, seeded_weights):
     root = coco_folder(tmp_path / "data", path, meta)
     cfg = TrainConfig(model=name, model_options={"config": exhaustive_sampling(spec.config)},
                       init_weights=str(weights), batch_size=1, amp="none", draw=0, eval_every=0,
-                      recipe=Recipe(epochs=1, milestones=(1,), warmup_iters=1),
+                      recipe=Recipe(epochs=1, milestones=(1,), warmup_iters=0),
                       # resize bounds = the photo's own size: the fixture step feeds it unresized
                       data=DataConfig(root=str(root), train_split="train", val_split="train", flip_prob=0.0,
                                       scale=(max(meta["image_hw"]), min(meta["image_hw"])),

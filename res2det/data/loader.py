@@ -52,13 +52,17 @@ class AspectRatioBatchSampler(Sampler[list]):
     Items are ``(index, seed)`` pairs: the seed of that sample's augmentation draw (scale, flip), so an epoch
     is reproducible whatever the number of workers.
 
+    ``shuffle=False`` (training only): every epoch the same batches of consecutive indices in dataset order,
+    with no aspect grouping, the last one completed from the start (a reference run replayed batch by batch);
+    the augmentation seeds still change with the epoch.
+
     Evaluation (``train=False``): indices in order, batched per group (a group's last batch may be short),
     batches dealt round-robin to the ranks with no padding: every image is in exactly one rank's share
     (ranks may differ by one batch: gather results once at the end, not per batch). Items are plain indices.
     """
 
     def __init__(self, groups: Sequence[int], batch_size: int, *, train: bool, seed: int = 0, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, shuffle: bool = True):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -66,7 +70,7 @@ class AspectRatioBatchSampler(Sampler[list]):
         if len(groups) == 0:
             raise ValueError("no images to sample from")
         self.groups = [int(g) for g in groups]
-        self.batch_size, self.train, self.seed = batch_size, train, seed
+        self.batch_size, self.train, self.seed, self.shuffle = batch_size, train, seed, shuffle
         self.rank, self.world_size, self.epoch = rank, world_size, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -85,14 +89,19 @@ class AspectRatioBatchSampler(Sampler[list]):
                        for k in range(0, len(m), bs)]
             return sorted(batches, key=lambda b: b[0])
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(len(self.groups), generator=g).tolist()
+        if self.shuffle:
+            order = torch.randperm(len(self.groups), generator=g).tolist()
+            groups = [members for _, members in sorted(self._per_group(order).items())]
+        else:
+            groups = [list(range(len(self.groups)))]
         batches = []
-        for _, members in sorted(self._per_group(order).items()):
+        for members in groups:
             for k in range(0, len(members), bs):
                 batch = members[k:k + bs]
                 batch += [members[j % len(members)] for j in range(bs - len(batch))]  # complete from the start
                 batches.append(batch)
-        batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+        if self.shuffle:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
         batches += [batches[j % len(batches)] for j in range(-len(batches) % self.world_size)]
         seeds = torch.randint(2**62, (len(batches), bs), generator=g).tolist()
         return [list(zip(b, s)) for b, s in zip(batches, seeds)]
@@ -102,7 +111,7 @@ class AspectRatioBatchSampler(Sampler[list]):
 
     def __len__(self) -> int:
         bs = self.batch_size
-        counts = self._per_group(range(len(self.groups)))
+        counts = self._per_group(range(len(self.groups))) if self.shuffle or not self.train else {0: self.groups}
         total = sum(-(-len(m) // bs) for m in counts.values())
         if self.train:
             return -(-total // self.world_size)

@@ -10,7 +10,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..structures import Preprocess
 from ..images import normalize, rescale_size, resize_bilinear
@@ -49,16 +48,20 @@ def sample_scale(rng: random.Random, scale: Scale, *, choices: Sequence[Scale] |
     return tuple(scale)
 
 
+def _nearest_index(src: int, dst: int) -> np.ndarray:
+    """OpenCV's ``INTER_NEAREST`` source index of each of ``dst`` outputs: ``floor(d * (1 / (dst / src)))`` in
+    double precision, at most ``src - 1``. torch's ``"nearest"`` computes the ratio in float32 and lands one
+    row lower at some exact multiples (e.g. 6 of 400 rows for 424 -> 400), which changes mask targets."""
+    return np.minimum(np.floor(np.arange(dst) * (1.0 / (dst / src))).astype(np.int64), src - 1)
+
+
 def resize_nearest(maps: np.ndarray, height: int, width: int) -> np.ndarray:
-    """``[..., H, W]`` uint8 -> ``[..., height, width]``, nearest neighbour with OpenCV's INTER_NEAREST rule
-    (source index ``floor(dst * src / dst_size)``, which is torch's ``"nearest"``)."""
+    """``[..., H, W]`` -> ``[..., height, width]``, nearest neighbour exactly as ``cv2.resize`` with
+    ``INTER_NEAREST`` (what mmcv's ``imrescale`` gives mmdetection's bitmap masks and segmentation maps)."""
     if maps.shape[-2:] == (height, width):
         return maps
-    lead = maps.shape[:-2]
-    if 0 in lead:
-        return np.zeros((*lead, height, width), dtype=maps.dtype)
-    x = torch.from_numpy(np.ascontiguousarray(maps)).reshape(1, -1, *maps.shape[-2:])
-    return F.interpolate(x, size=(height, width), mode="nearest")[0].reshape(*lead, height, width).numpy()
+    rows, cols = _nearest_index(maps.shape[-2], height), _nearest_index(maps.shape[-1], width)
+    return np.ascontiguousarray(maps[..., rows, :][..., cols])
 
 
 def resize(sample: Sample, scale: Scale) -> tuple[Sample, tuple[float, float]]:

@@ -25,13 +25,21 @@ def build_optimizer(model: nn.Module, recipe: Recipe, total_batch_size: int) -> 
 
 
 def lr_factor(iteration: int, iters_per_epoch: int, recipe: Recipe) -> float:
-    """Multiplier of the scaled lr at a 0-based global iteration: linear warm-up from ``warmup_ratio`` over
-    ``warmup_iters``, times ``gamma`` for each milestone epoch already completed."""
+    """Multiplier of the scaled lr at a 0-based global iteration, as mmdetection's two schedulers give it:
+    mmengine's ``LinearLR(start_factor=warmup_ratio, by_epoch=False, begin=0, end=warmup_iters)`` times its
+    ``MultiStepLR(milestones, gamma, by_epoch=True)``.
+
+    ``LinearLR`` over ``[0, W)`` spans ``W - 1`` steps (its ``total_iters = end - begin - 1``): the factor at
+    iteration ``t`` is ``start + (1 - start) * min(t, W - 1) / (W - 1)``, so the full rate is reached at iteration
+    ``W - 1`` (499 for the published 500), not ``W``; ``W = 0`` is no warm-up (``Recipe`` refuses 1, with which
+    mmengine's ``LinearLR`` would keep the start factor for the whole run). ``MultiStepLR`` by epoch multiplies
+    by ``gamma`` at iteration ``m * iters_per_epoch`` for each milestone ``m``, i.e. from the first iteration of
+    epoch ``m + 1``."""
     epoch = iteration // max(iters_per_epoch, 1)
     factor = recipe.gamma ** bisect.bisect_right(sorted(recipe.milestones), epoch)
-    if iteration < recipe.warmup_iters:
-        k = iteration / recipe.warmup_iters
-        factor *= recipe.warmup_ratio + (1 - recipe.warmup_ratio) * k
+    span = recipe.warmup_iters - 1
+    if iteration < span:
+        factor *= recipe.warmup_ratio + (1 - recipe.warmup_ratio) * iteration / span
     return factor
 
 

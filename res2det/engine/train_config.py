@@ -52,7 +52,8 @@ def _check(config: Any, **valid: bool) -> None:
 _RULES = {"epochs": "at least 1", "gamma": "finite, above 0", "base_lr": "finite, above 0",
           "optimizer": "'sgd' or 'adamw'",
           "base_batch_size": "at least 1", "momentum": "in [0, 1)", "weight_decay": "finite, at least 0",
-          "warmup_iters": "at least 0",
+          "warmup_iters": "0 (no warm-up) or at least 2: mmengine's LinearLR over [0, 1) never leaves its start "
+                          "factor",
           "warmup_ratio": "in (0, 1]", "milestones": "epochs numbered from 1", "flip_prob": "a probability in [0, 1]",
           "num_workers": "at least 0", "scale": "None or two positive integers (long, short)",
           "train_scale_range": "None or (low, high) positive integers, low <= high", "on_bad": "'fail' or 'skip'",
@@ -76,6 +77,7 @@ class Recipe:
     base_batch_size: int = 16
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    # mmengine's LinearLR(begin=0, end=warmup_iters): full rate from iteration warmup_iters - 1; 0 = no warm-up
     warmup_iters: int = 500
     warmup_ratio: float = 0.001  # the first iteration runs at base_lr * warmup_ratio, rising linearly
     optimizer: Literal["sgd", "adamw"] = "sgd"  # adamw: momentum is beta1, weight decay decoupled
@@ -84,7 +86,8 @@ class Recipe:
         _check_types(self)
         _check(self, epochs=self.epochs >= 1, gamma=0 < self.gamma < math.inf, base_lr=0 < self.base_lr < math.inf,
                base_batch_size=self.base_batch_size >= 1, momentum=0 <= self.momentum < 1,
-               weight_decay=0 <= self.weight_decay < math.inf, warmup_iters=self.warmup_iters >= 0,
+               weight_decay=0 <= self.weight_decay < math.inf,
+               warmup_iters=self.warmup_iters == 0 or self.warmup_iters >= 2,
                warmup_ratio=0 < self.warmup_ratio <= 1, optimizer=self.optimizer in ("sgd", "adamw"),
                milestones=all(isinstance(m, int) and m >= 1 for m in self.milestones))
 
@@ -108,6 +111,9 @@ class DataConfig:
     scale: tuple[int, int] | None = None  # (long, short) resize bounds; None: the model's own (e.g. 1333x800)
     train_scale_range: tuple[int, int] | None = None  # short side drawn from this range in training (multi-scale)
     flip_prob: float = 0.5
+    # False: every epoch the same batches of consecutive images in the annotation file's order (no shuffling, no
+    # aspect grouping), to replay a reference run batch by batch
+    shuffle: bool = True
     on_bad: Literal["fail", "skip"] = "fail"
     num_workers: int = 2
 
@@ -143,6 +149,9 @@ class TrainConfig:
     draw: int = 6  # validation images drawn after training
     out_dir: str = "runs"
     max_iters: int | None = None  # stop early (smoke runs); the schedule still follows ``recipe``
+    # every sampler (RPN and R-CNN stages) keeps every positive and negative: no random draw, so a step is a
+    # function of weights and batch (to replay a reference run; mmdetection's sampler ``num`` = 10^8)
+    exhaustive_sampling: bool = False
     device: str = "auto"  # 'auto' = cuda (the local rank's GPU) when available, else cpu
 
     def __post_init__(self) -> None:

@@ -74,6 +74,11 @@ def build_model(cfg: TrainConfig, class_names: tuple[str, ...]) -> nn.Module:
     from ..zoo import create_model
 
     options = {**cfg.model_options, "num_classes": len(class_names), "class_names": tuple(class_names)}
+    if cfg.exhaustive_sampling:
+        from ..zoo import get_spec
+        from .step import exhaustive_sampling
+
+        options["config"] = exhaustive_sampling(options.get("config", get_spec(cfg.model).config))
     model = create_model(cfg.model, **options)
     if cfg.init_weights:
         from ..zoo import get_spec, load_weights
@@ -135,7 +140,8 @@ class Trainer:
         from ..data import AspectRatioBatchSampler
 
         self.sampler = AspectRatioBatchSampler(self.train_set.aspect_groups, cfg.batch_size, train=True,
-                                               seed=cfg.seed, rank=self.dist.rank, world_size=self.dist.world_size)
+                                               seed=cfg.seed, rank=self.dist.rank, world_size=self.dist.world_size,
+                                               shuffle=cfg.data.shuffle)
         self.iters_per_epoch = len(self.sampler)
         if self.iters_per_epoch == 0:
             raise Res2DetError(f"{len(self.train_set)} training images make no batch of {cfg.batch_size} "
@@ -145,6 +151,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.dist.device.type, enabled=cfg.amp == "fp16")
         self.ckpt = CheckpointManager(self.run_dir, cfg.keep_last)
         self.iteration, self.best, self._saved_at = 0, None, -1
+        self._lr_used = self.optimizer.param_groups[0]["lr"]
         seed_everything(cfg.seed + self.dist.rank)  # sampling inside the heads differs per rank
         if resume:
             self._resume(self.ckpt.latest() if resume is True else Path(resume))
@@ -255,6 +262,7 @@ class Trainer:
             for images, targets, sizes, _ in self._batches(epoch, skip):
                 if self.iteration >= self.max_iters:
                     break
+                self._lr_used = self.optimizer.param_groups[0]["lr"]  # logged: the step changes it for the next
                 losses = self._step(images.to(dev, non_blocking=True),
                                     [{k: v.to(dev, non_blocking=True) for k, v in t.items()} for t in targets],
                                     sizes)
@@ -342,7 +350,7 @@ class Trainer:
         mean = all_reduce_mean(torch.stack(window).mean(0).to(self.dist.device), self.dist).tolist()
         terms = dict(zip(names, mean))
         record = {"kind": "train", "iter": self.iteration, "epoch": epoch + 1,
-                  "lr": self.optimizer.param_groups[0]["lr"],
+                  "lr": self._lr_used,  # the last iteration's rate (mmengine logs the one each iteration used)
                   "loss": total_loss(terms), **terms,
                   "memory_mb": round(_memory_mb(self.dist.device), 1), "time": round(time.perf_counter() - t0, 2)}
         if self.dist.is_main:

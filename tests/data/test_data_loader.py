@@ -123,3 +123,26 @@ def test_eval_loader_covers_the_split(shapes):
            for _, _, _, metas in build_loader(ds, batch_size=3, train=False, rank=rank, world_size=2)
            for m in metas]
     assert sorted(ids) == sorted(ds.image_ids)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_unshuffled_batches_follow_the_dataset_order_every_epoch(world_size):
+    """``shuffle=False`` (replaying a reference run): consecutive indices, no aspect grouping, the same batches
+    every epoch; the last batch completed from the start; the augmentation seeds still differ per epoch."""
+    def epoch_batches(epoch):
+        out = []
+        for rank in range(world_size):
+            s = AspectRatioBatchSampler(GROUPS, 4, train=True, rank=rank, world_size=world_size, shuffle=False)
+            s.set_epoch(epoch)
+            assert len(list(s)) == len(s)
+            out.append(list(s))
+        return out
+
+    first, second = epoch_batches(0), epoch_batches(1)
+    indices = [[i for i, _ in b] for b in first[0]]
+    assert indices[0] == [0, 1, 2, 3] and indices[1] == ([4, 5, 6, 7] if world_size == 1 else [8, 9, 10, 11])
+    dealt = sorted((b for rank in first for b in rank), key=lambda b: b[0][0])
+    flat = [i for b in dealt for i, _ in b]
+    assert flat[:len(GROUPS)] == list(range(len(GROUPS))) and flat[len(GROUPS):len(GROUPS) + 3] == [0, 1, 2]
+    assert [[i for i, _ in b] for b in second[0]] == indices
+    assert [s for _, s in first[0][0]] != [s for _, s in second[0][0]]

@@ -75,6 +75,12 @@ def test_nearest_resize_is_opencvs_rule():
     src = np.floor(np.arange(4) * 6 / 4).astype(int)  # floor(dst * src_size / dst_size)
     assert np.array_equal(down, np.arange(36).reshape(6, 6)[np.ix_(src, src)])
     assert resize_nearest(np.zeros((0, 5, 5), np.uint8), 3, 2).shape == (0, 3, 2)
+    # rows where float32 ratios (torch's "nearest") land elsewhere; values read from cv2.resize(INTER_NEAREST)
+    # 4.14: 424 -> 400 rows 50, 100, 150 come from 53, 106, 159 (torch: 52, 105, 158); 346 -> 400 row 200
+    # from 172 (double rounding of 200 * 346 / 400 = 173 exactly)
+    tall = resize_nearest(np.arange(424, dtype=np.int64)[:, None], 400, 1)[:, 0]
+    assert tall[[50, 100, 150]].tolist() == [53, 106, 159]
+    assert resize_nearest(np.arange(346, dtype=np.int64)[:, None], 400, 1)[200, 0] == 172
 
 
 def test_multi_scale_draws():

@@ -42,8 +42,9 @@ def test_warmup_then_steps_at_milestone_epochs():
     r = Recipe(epochs=12, milestones=(8, 11), warmup_iters=500, warmup_ratio=0.001)
     ipe = 100  # iterations per epoch
     assert lr_factor(0, ipe, r) == pytest.approx(0.001)
-    assert lr_factor(250, ipe, r) == pytest.approx(0.001 + 0.999 * 0.5)
-    assert lr_factor(500, ipe, r) == 1.0 and lr_factor(799, ipe, r) == 1.0
+    # mmengine's LinearLR(begin=0, end=500) spans 499 steps: full rate at iteration 499
+    assert lr_factor(250, ipe, r) == pytest.approx(0.001 + 0.999 * 250 / 499)
+    assert lr_factor(498, ipe, r) < 1.0 and lr_factor(499, ipe, r) == 1.0 and lr_factor(799, ipe, r) == 1.0
     assert lr_factor(800, ipe, r) == pytest.approx(0.1)  # first iteration of epoch 9
     assert lr_factor(1099, ipe, r) == pytest.approx(0.1) and lr_factor(1100, ipe, r) == pytest.approx(0.01)
     # the scheduler follows the same curve step by step
@@ -57,6 +58,62 @@ def test_warmup_then_steps_at_milestone_epochs():
         sched.step()
     assert seen[0] == pytest.approx(0.02 * 0.001) and seen[600] == pytest.approx(0.02)
     assert seen[850] == pytest.approx(0.002) and seen[1150] == pytest.approx(0.0002)
+
+
+def mmengine_lrs(lr: float, recipe: Recipe, iters_per_epoch: int, n: int) -> list[float]:
+    """The lr of each of ``n`` iterations under mmdetection's ``param_scheduler`` pair, computed the way
+    mmengine 0.10 steps it (``_ParamScheduler.step`` and the chainable ``_get_value`` of ``LinearLR`` and
+    ``MultiStepLR``): both start with one ``step()`` at construction and step once after every iteration;
+    each changes the lr only while its step counter is in ``[begin, end)``. ``LinearLR(start_factor=ratio,
+    begin=0, end=W, by_epoch=False)``: ``total_iters = end - begin - 1``; step 0 multiplies by the start factor,
+    step k by ``1 + (1 - start) / (total_iters * start + (k - 1) * (1 - start))``. ``MultiStepLR`` by epoch,
+    converted to iterations by ``build_iter_from_epoch``: milestones ``m * epoch_length``, multiply by gamma there."""
+    start, end = recipe.warmup_ratio, recipe.warmup_iters
+    milestones = {m * iters_per_epoch for m in recipe.milestones}
+    value, lrs = lr, []
+    for step in range(n):  # step k runs after k iterations (k = 0: at construction)
+        if step < end:
+            total = end - 1
+            value *= start if step == 0 else 1 + (1 - start) / (total * start + (step - 1) * (1 - start))
+        if step in milestones:
+            value *= recipe.gamma
+        lrs.append(value)
+    return lrs
+
+
+@pytest.mark.parametrize("warmup,ipe,milestones", [(500, 100, (8, 11)), (3, 1, (16, 22)), (2, 5, (1, 3)),
+                                                   (7, 3, (1, 2)), (0, 4, (2,))])
+def test_schedule_is_mmengines(warmup, ipe, milestones):
+    """Warm-up and step decay give mmengine's learning rates, including a milestone inside the warm-up."""
+    r = Recipe(epochs=100, milestones=milestones, warmup_iters=warmup, warmup_ratio=0.001)
+    n = 1300 if warmup == 500 else 40
+    ref = mmengine_lrs(0.02, r, ipe, n)
+    ours = [0.02 * lr_factor(i, ipe, r) for i in range(n)]
+    assert max(abs(a - b) / b for a, b in zip(ours, ref)) < 1e-12
+    if warmup == 3:  # the trajectory fixtures' warm-up: 2.5e-6, 0.00125125, then 0.0025 (lr 0.0025)
+        assert [0.0025 * lr_factor(i, ipe, r) for i in range(4)] == pytest.approx([2.5e-6, 0.00125125, 0.0025, 0.0025],
+                                                                                   rel=1e-12)
+
+
+def test_schedule_against_installed_mmengine():
+    """Where mmengine is installed (it is not a dependency), its own schedulers give the same rates."""
+    sched = pytest.importorskip("mmengine.optim.scheduler")
+    for warmup, ipe, milestones in [(500, 100, (8, 11)), (7, 3, (1, 2))]:
+        r = Recipe(epochs=100, milestones=milestones, warmup_iters=warmup, warmup_ratio=0.001)
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.02)
+        linear = sched.LinearLR(opt, start_factor=0.001, by_epoch=False, begin=0, end=warmup)
+        steps = sched.MultiStepLR.build_iter_from_epoch(opt, milestones=list(milestones), gamma=0.1, by_epoch=True,
+                                                        epoch_length=ipe)
+        for i in range(1200):
+            assert opt.param_groups[0]["lr"] == pytest.approx(0.02 * lr_factor(i, ipe, r), rel=1e-12), i
+            opt.step()
+            linear.step()
+            steps.step()
+
+
+def test_warmup_of_one_iteration_is_refused():
+    with pytest.raises(Res2DetError, match="warmup_iters"):
+        Recipe(warmup_iters=1)
 
 
 # ------------------------------------------------------------------------------------------------------ config

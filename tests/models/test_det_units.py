@@ -267,3 +267,25 @@ def test_inference_outputs(with_mask):
     assert set(inter) == expected
     assert torch.equal(inter["det.bboxes"], dets[0]["boxes"])
     assert inter["roi_head.bbox_head.call0.cls_score"].shape[1] == 6
+
+
+def test_rpn_loss_with_allowed_border_uses_each_images_own_logits():
+    """A padded batch of two images of different sizes with ``allowed_border=0`` (the cascade RPNs): each image's
+    anchors are checked against its own unpadded size and trained with its own logits, so the batch order does
+    not change the loss (the border value once overwrote the batch index: image 2 took image 1's logits)."""
+    from res2det.models.heads.rpn_head import RPNHead, RPNTrainConfig
+
+    torch.manual_seed(0)
+    every = RandomSampler(num=10**8, pos_fraction=0.5, add_gt_as_proposals=False)  # no random draw
+    head = RPNHead(in_channels=8, feat_channels=8, train_cfg=RPNTrainConfig(allowed_border=0, sampler=every))
+    feats = [torch.randn(2, 8, 128 // s, 160 // s) for s in (4, 8, 16, 32, 64)]
+    gts = [torch.tensor([[10.0, 12.0, 60.0, 70.0], [70.0, 20.0, 110.0, 90.0]]),
+           torch.tensor([[30.0, 40.0, 120.0, 100.0]])]
+    sizes = [(100, 150), (128, 124)]
+    with torch.no_grad():
+        cls, reg = head(feats)
+        swapped = head([f.flip(0) for f in feats])
+        forward = head.loss(cls, reg, gts, sizes)
+        backward = head.loss(*swapped, gts[::-1], sizes[::-1])
+    for k in forward:
+        assert torch.allclose(forward[k], backward[k], rtol=1e-6, atol=1e-9), (k, forward[k], backward[k])

@@ -128,10 +128,10 @@ class RPNHead(nn.Module):
         for b, (gt, (h, w)) in enumerate(zip(gt_boxes, image_sizes)):
             pad_shape = (-(-h // d) * d, -(-w // d) * d)  # the image's own padding, not the batch's
             valid = torch.cat(self.anchor_generator.valid_flags(sizes, pad_shape, device))
-            if cfg.allowed_border >= 0:
-                b = cfg.allowed_border
-                valid &= ((anchors[:, 0] >= -b) & (anchors[:, 1] >= -b) & (anchors[:, 2] < w + b)
-                          & (anchors[:, 3] < h + b))
+            if cfg.allowed_border >= 0:  # against the image's own unpadded size, as mmdet's img_shape
+                m = cfg.allowed_border
+                valid &= ((anchors[:, 0] >= -m) & (anchors[:, 1] >= -m) & (anchors[:, 2] < w + m)
+                          & (anchors[:, 3] < h + m))
             valid = torch.nonzero(valid).flatten()
             gt = gt.to(anchors.dtype).reshape(-1, 4)
             assign = cfg.assigner.assign(anchors[valid], gt, torch.zeros(gt.shape[0], dtype=torch.long, device=device))
