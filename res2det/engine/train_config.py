@@ -56,6 +56,7 @@ _RULES = {"epochs": "at least 1", "gamma": "finite, above 0", "base_lr": "finite
           "warmup_ratio": "in (0, 1]", "milestones": "epochs numbered from 1", "flip_prob": "a probability in [0, 1]",
           "num_workers": "at least 0", "scale": "None or two positive integers (long, short)",
           "train_scale_range": "None or (low, high) positive integers, low <= high", "on_bad": "'fail' or 'skip'",
+          "format": "'auto', 'coco', 'voc' or 'yolo'", "classes": "None or a non-empty list of class names",
           "batch_size": "at least 1", "amp": "'none', 'bf16' or 'fp16'", "grad_clip": "None or above 0",
           "on_nonfinite": "'stop' or 'skip'", "eval_every": "at least 0 (0: after the last epoch only)",
           "checkpoint_every": "at least 0 (0: at epoch ends only)", "keep_last": "at least 1",
@@ -98,12 +99,15 @@ RECIPES: dict[str, Recipe] = {
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the COCO-format data is: ``root/annotations/instances_{split}.json`` and ``root/{split}/``.
-    ``root=None`` is the embedded shapes set (generated on first use)."""
+    """Where the data is: a folder in one of ``res2det.data.layouts``' layouts (COCO json:
+    ``root/annotations/instances_{split}.json`` and ``root/{split}/``; Pascal VOC; YOLO), found from its files or
+    forced with ``format``. ``root=None`` is the embedded shapes set (generated on first use)."""
 
     root: str | None = "data/coco"
-    train_split: str = "train2017"
-    val_split: str = "val2017"
+    format: Literal["auto", "coco", "voc", "yolo"] = "auto"
+    train_split: str = "auto"  # 'auto': the layout's usual name (COCO train2017, VOC and YOLO train)
+    val_split: str = "auto"  # 'auto': COCO val2017, VOC and YOLO val
+    classes: tuple[str, ...] | None = None  # Pascal VOC: the classes, in this order (default: as first seen)
     stuff_dir: str | None = None  # HTC's semantic maps, relative to root (e.g. 'stuffthingmaps/train2017')
     scale: tuple[int, int] | None = None  # (long, short) resize bounds; None: the model's own (e.g. 1333x800)
     train_scale_range: tuple[int, int] | None = None  # short side drawn from this range in training (multi-scale)
@@ -117,14 +121,18 @@ class DataConfig:
         _check(self, flip_prob=0 <= self.flip_prob <= 1, num_workers=self.num_workers >= 0, scale=pair(self.scale),
                train_scale_range=pair(self.train_scale_range) and (
                    self.train_scale_range is None or self.train_scale_range[0] <= self.train_scale_range[1]),
-               on_bad=self.on_bad in ("fail", "skip"))
+               on_bad=self.on_bad in ("fail", "skip"), format=self.format in ("auto", "coco", "voc", "yolo"),
+               classes=self.classes is None or (len(self.classes) > 0 and all(self.classes)))
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     model: str  # a zoo name; num_classes and class_names come from the dataset
     model_options: dict[str, Any] = field(default_factory=dict)  # create_model overrides
-    init_weights: str | None = None  # a detector checkpoint to start from (fine-tuning)
+    # a detector checkpoint to start from (fine-tuning): a file or a published source ('mmdet'); trained on other
+    # classes, its class-dependent rows are transferred by class name (res2det.zoo.transfer)
+    init_weights: str | None = None
+    class_map: tuple[str, ...] = ()  # 'NEW=OLD' pairs: a class of the data takes a checkpoint class's rows
     # (ImageNet classifier name, its weights: a file or a published source such as 'official'): the backbone's
     # initialisation, as the published recipes start from ImageNet weights (ignored with init_weights)
     backbone_init: tuple[str, str] | None = None
