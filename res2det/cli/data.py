@@ -54,10 +54,14 @@ def summary(dataset, with_masks: bool) -> list[str]:
              + (f", {len(anns) - len(objects)} ignored regions (crowd / difficult)" if len(anns) > len(objects) else "")
              + f", {empty} image(s) without objects"]
     width = max(len(n) for n in dataset.class_names)
+    images = Counter(label for r in dataset.records for label in {dataset.cat_id_to_label[a["category_id"]]
+                                                                 for a in r.targets})
     for label, name in enumerate(dataset.class_names):
-        images = sum(1 for r in dataset.records if any(dataset.cat_id_to_label[a["category_id"]] == label
-                                                      for a in r.targets))
-        lines.append(f"    {name:<{width}}  {per_class[label]:>6} objects in {images} images")
+        if per_class[label]:
+            lines.append(f"    {name:<{width}}  {per_class[label]:>6} objects in {images[label]} images")
+    absent = [n for label, n in enumerate(dataset.class_names) if not per_class[label]]
+    if absent:
+        lines.append(f"    no objects of {len(absent)} class(es): {', '.join(absent)}")
     if sides:
         small = sum(s < 32 for s in sides)
         large = sum(s >= 96 for s in sides)

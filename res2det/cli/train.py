@@ -22,6 +22,10 @@ def _config(args):
         cfg = dataclasses.replace(cfg, device=args.device)
     if args.out:
         cfg = dataclasses.replace(cfg, out_dir=args.out)
+    if getattr(args, "recipe", None):
+        from ..engine.train_config import RECIPES
+
+        cfg = dataclasses.replace(cfg, recipe=RECIPES[args.recipe])
     if getattr(args, "init", None):
         cfg = dataclasses.replace(cfg, init_weights=args.init)
     if getattr(args, "class_map", None):
@@ -156,6 +160,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--amp", choices=["bf16", "fp16"], help="mixed precision (fp16 with loss scaling)")
     p.add_argument("--init", metavar="SOURCE", help="fine-tune from these weights (a file, or a published source "
                    "such as mmdet): class-dependent rows transferred by class name (= --set init_weights=SOURCE)")
+    p.add_argument("--recipe", choices=["1x", "2x", "20e", "finetune"],
+                   help="a training schedule in place of the preset's (finetune: small data from --init weights)")
     p.add_argument("--class-map", nargs="+", action="extend", metavar="NEW=OLD",
                    help="pair a class of the data with a class of the --init checkpoint by hand (sofa=couch)")
     p.set_defaults(func=cmd_train)

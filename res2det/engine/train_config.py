@@ -94,6 +94,14 @@ RECIPES: dict[str, Recipe] = {
     "1x": Recipe(epochs=12, milestones=(8, 11)),
     "2x": Recipe(epochs=24, milestones=(16, 22)),
     "20e": Recipe(epochs=20, milestones=(16, 19)),
+    # Fine-tuning a COCO-trained row on a small data set (`res2det train ROW --init mmdet --recipe finetune`).
+    # mmdetection's fine-tuning guide (docs/en/user_guides/finetune.md): SGD at lr 0.01 for a batch of 8 (the
+    # COCO schedules' lr per image), linear warm-up from 0.001, 8 epochs with one x0.1 decay after the 7th; the
+    # row's own frozen stem + first stage and fixed BN statistics (mmdet frozen_stages=1, norm_eval; detectron2's
+    # FREEZE_AT=2 is the same layers). Warm-up 100 iterations instead of mmdetection's 500: those assume its
+    # Cityscapes example (2975 images repeated 8 times per epoch); on a few hundred images 500 iterations would
+    # be most of the run (detectron2's balloon example never leaves its 1000-iteration warm-up in 300 iterations).
+    "finetune": Recipe(epochs=8, milestones=(7,), base_lr=0.01, base_batch_size=8, warmup_iters=100),
 }
 
 
