@@ -1,8 +1,8 @@
 """Does class transfer help? Box AP of the classes a fine-tuning run shares by name with its checkpoint, after the
 same number of iterations from that checkpoint and from scratch.
 
-    python benchmarks/finetune_transfer.py [--threads 2] [--json OUT] [--pretrain-epochs 6] [--finetune-epochs 6]
-                                           [--seeds 0 1]
+    python benchmarks/finetune_transfer.py [--threads 2] [--json OUT] [--pretrain-epochs 4] [--finetune-epochs 6]
+                                           [--image-size 160] [--seeds 0 1]
 
 Two disjoint synthetic shapes sets (res2det.data.synthetic, other seeds than the main job's):
 * the checkpoint: ``mask_rcnn_r2_tiny_fpn`` trained on set A with the classes ``circle`` and ``square`` only
@@ -51,12 +51,12 @@ def subset(source: Path, target: Path, keep: dict[str, str]) -> Path:
     return target
 
 
-def config(root: Path, out: Path, epochs: int, seed: int, **changes):
+def config(root: Path, out: Path, epochs: int, seed: int, size: int, **changes):
     recipe = Recipe(epochs=epochs, milestones=(epochs,), optimizer="adamw", base_lr=0.001, base_batch_size=4,
                     weight_decay=0.05, warmup_iters=20)
-    return dataclasses.replace(SHAPES, data=DataConfig(root=str(root), train_split="train", val_split="val",
-                                                       num_workers=0), recipe=recipe, eval_every=0, draw=0,
-                               log_every=1000, out_dir=str(out), seed=seed, **changes)
+    data = DataConfig(root=str(root), train_split="train", val_split="val", num_workers=0, scale=(size, size))
+    return dataclasses.replace(SHAPES, data=data, recipe=recipe, eval_every=0, draw=0, log_every=25, out_dir=str(out),
+                               seed=seed, **changes)
 
 
 def train(cfg, run: Path) -> tuple[Trainer, float]:
@@ -75,18 +75,19 @@ def per_class_ap(trainer: Trainer, run: Path) -> dict[str, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--pretrain-epochs", type=int, default=6)
+    p.add_argument("--pretrain-epochs", type=int, default=4)
     p.add_argument("--finetune-epochs", type=int, default=6)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--image-size", type=int, default=160, help="shapes image size = the model's input size")
     p.add_argument("--json", metavar="OUT")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="finetune_transfer."))
-    a = subset(shapes_dataset(work / "src", seed=101, num_train=200, num_val=10),
+    a = subset(shapes_dataset(work / "src", seed=101, num_train=200, num_val=10, image_size=args.image_size),
                work / "A", {"circle": "circle", "square": "square"})
-    b = subset(shapes_dataset(work / "src", seed=202, num_train=40, num_val=40),
+    b = subset(shapes_dataset(work / "src", seed=202, num_train=40, num_val=40, image_size=args.image_size),
                work / "B", {"circle": "Circle", "triangle": "triangle"})
-    pre, pre_s = train(config(a, work / "runs", args.pretrain_epochs, 0), work / "runs" / "pretrain")
+    pre, pre_s = train(config(a, work / "runs", args.pretrain_epochs, 0, args.image_size), work / "runs" / "pretrain")
     ckpt = work / "pretrained.safetensors"
     save_weights(pre.model, ckpt, model_name=SHAPES.model, options=pre.model_options())
     print(f"checkpoint: {pre.max_iters} iterations on A (circle, square) in {pre_s / 60:.1f} min", flush=True)
@@ -94,7 +95,8 @@ def main() -> None:
     for seed in args.seeds:
         for start, changes in (("checkpoint", {"init_weights": str(ckpt)}), ("scratch", {})):
             run = work / "runs" / f"{start}-{seed}"
-            trainer, seconds = train(config(b, work / "runs", args.finetune_epochs, seed, **changes), run)
+            trainer, seconds = train(config(b, work / "runs", args.finetune_epochs, seed, args.image_size, **changes),
+                                    run)
             ap = per_class_ap(trainer, run)
             rows.append({"start": start, "seed": seed, "iterations": trainer.max_iters, "seconds": round(seconds, 1),
                          **{k: round(v, 4) for k, v in ap.items()}, "mean": round(sum(ap.values()) / len(ap), 4)})

@@ -300,7 +300,7 @@ class CocoDataset(torch.utils.data.Dataset):
         self.categories = [{"id": c["id"], "name": c["name"]} for c in sorted(cats, key=lambda c: c["id"])]
         if with_masks and anns and not any(isinstance(a, dict) and "segmentation" in a for a in anns):
             raise MasksMissingError(f"{self.ann_file}: box-only data (no annotation has a 'segmentation'), and this "
-                                    "model has a mask head: it needs masks to train")
+                                    "model has a mask head: it needs masks")
         self.records = self._check(images, anns, set(cat_ids))
         self._coco = None
 

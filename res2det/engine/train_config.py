@@ -62,7 +62,8 @@ _RULES = {"epochs": "at least 1", "gamma": "finite, above 0", "base_lr": "finite
           "checkpoint_every": "at least 0 (0: at epoch ends only)", "keep_last": "at least 1",
           "log_every": "at least 1", "draw": "at least 0", "max_iters": "None or at least 1",
           "device": "'auto', 'cpu', 'cuda' or 'cuda:N'", "seed": "an integer in [-2**63, 2**63)",
-          "backbone_init": "None or (classifier name, weights)"}
+          "backbone_init": "None or (classifier name, weights)",
+          "class_map": "'NEW=OLD' pairs: a class of the data = a class of the checkpoint"}
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,8 @@ class TrainConfig:
                max_iters=self.max_iters is None or self.max_iters >= 1,
                device=re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)) is not None,
                seed=-2**63 <= self.seed < 2**63,  # what torch.manual_seed takes
+               class_map=all(isinstance(m, str) and m.partition("=")[0].strip() and m.partition("=")[2].strip()
+                             for m in self.class_map),
                backbone_init=self.backbone_init is None or (
                    len(self.backbone_init) == 2 and isinstance(self.backbone_init[0], str)
                    and isinstance(self.backbone_init[1], (str, os.PathLike))))

@@ -54,8 +54,8 @@ def build_dataset(cfg: TrainConfig, preprocess: Any, split: str):
     fmt = detect_format(root) if d.format == "auto" else d.format
     name = split_name(fmt, d.train_split if split == "train" else d.val_split, split)
     source = read_split(root, name, fmt=fmt, classes=d.classes, on_bad=d.on_bad)
-    common = dict(preprocess=preprocess, scale=d.scale, on_bad=d.on_bad, with_masks=model_config(cfg).roi_head.with_mask,
-                  coco_data=source.coco_data)
+    common = dict(preprocess=preprocess, scale=d.scale, on_bad=d.on_bad, coco_data=source.coco_data,
+                  with_masks=model_config(cfg).roi_head.with_mask)
     try:
         if split == "train":
             dataset = CocoDataset(source.ann_file, source.image_dir, train=True, flip_prob=d.flip_prob,
@@ -66,7 +66,6 @@ def build_dataset(cfg: TrainConfig, preprocess: Any, split: str):
     except MasksMissingError as e:
         raise DataError(f"{e}; {box_only_alternative(cfg.model)}") from None
     dataset.skipped.update(source.skipped)
-    dataset.layout = fmt
     return dataset
 
 
