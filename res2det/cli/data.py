@@ -12,17 +12,6 @@ from ..errors import Res2DetError
 from .common import check_output
 
 
-def _splits(root: Path, fmt: str) -> list[str]:
-    if fmt == "coco":
-        return sorted(p.name[len("instances_"):-len(".json")] for p in (root / "annotations").glob("instances_*.json"))
-    if fmt == "voc":
-        return sorted(p.stem for p in (root / "ImageSets" / "Main").glob("*.txt") if "_" not in p.stem)
-    from ..data.yolo import read_yaml
-
-    data = read_yaml(root)[1]
-    return [k for k in ("train", "val", "test") if data.get(k)]
-
-
 def _dataset(root: Path, fmt: str, split: str, classes, on_bad: str):
     """The split as a checked ``CocoDataset`` (evaluation mode: every good image kept)."""
     from ..data import CocoDataset
@@ -98,14 +87,14 @@ def write_coco(dataset, out: Path, split: str) -> Path:
 
 
 def cmd_data(args) -> None:
-    from ..data.layouts import detect_format
+    from ..data.layouts import detect_format, split_names
     from ..data.voc import voc_classes
 
     root = Path(args.dir)
     fmt = detect_format(root) if args.format == "auto" else args.format
     if args.to_coco:
         check_output(args.to_coco, "--to-coco", folder=True)
-    splits = args.split or _splits(root, fmt)
+    splits = args.split or split_names(root, fmt)
     if not splits:
         raise Res2DetError(f"{root}: a {fmt.upper()} layout with no split found")
     print(f"{root}: {fmt.upper() if fmt != 'yolo' else 'YOLO'} layout, splits: {', '.join(splits)}")

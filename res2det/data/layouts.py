@@ -21,8 +21,14 @@ from ..errors import DataError
 from .coco_dataset import check_annotation
 
 FORMATS = ("auto", "coco", "voc", "yolo")
-# the split a layout calls 'train' / 'val' when data.train_split / data.val_split are 'auto'
-DEFAULT_SPLITS = {"coco": ("train2017", "val2017"), "voc": ("train", "val"), "yolo": ("train", "val")}
+# the names data.train_split / data.val_split = 'auto' stand for, in each layout: the first one present
+DEFAULT_SPLITS = {"coco": (("train2017", "train"), ("val2017", "val", "valid")),
+                  "voc": (("train", "trainval"), ("val", "test")),
+                  "yolo": (("train",), ("val", "valid", "test"))}
+
+
+# Roboflow's COCO export: each split folder holds its images and this file
+ROBOFLOW_COCO = "_annotations.coco.json"
 
 
 @dataclass
@@ -42,6 +48,8 @@ def detect_format(root: str | Path) -> str:
         return "yolo"
     if (root / "annotations").is_dir() and any((root / "annotations").glob("instances_*.json")):
         return "coco"
+    if any(root.glob(f"*/{ROBOFLOW_COCO}")):
+        return "coco"
     if (root / "Annotations").is_dir() and (root / "JPEGImages").is_dir():
         return "voc"
     if (root / "data.yaml").is_file() or len(list(root.glob("*.yaml"))) == 1:
@@ -51,9 +59,27 @@ def detect_format(root: str | Path) -> str:
                     "train and val); set data.format to say which")
 
 
-def split_name(fmt: str, split: str, which: str) -> str:
-    """``split``, or the layout's default for ``which`` ('train' / 'val') when it is 'auto'."""
-    return DEFAULT_SPLITS[fmt][which == "val"] if split == "auto" else split
+def split_names(root: str | Path, fmt: str) -> list[str]:
+    """The splits a data folder has."""
+    root = Path(root)
+    if fmt == "coco":
+        return sorted({p.name[len("instances_"):-len(".json")] for p in (root / "annotations").glob("instances_*.json")}
+                      | {p.parent.name for p in root.glob(f"*/{ROBOFLOW_COCO}")})
+    if fmt == "voc":
+        return sorted(p.stem for p in (root / "ImageSets" / "Main").glob("*.txt") if "_" not in p.stem)
+    from .yolo import read_yaml
+
+    data = read_yaml(root)[1]
+    return [k for k in ("train", "val", "valid", "test") if data.get(k)]
+
+
+def split_name(root: str | Path, fmt: str, split: str, which: str) -> str:
+    """``split``, or when it is 'auto' the layout's usual name for ``which`` ('train' / 'val') that ``root`` has."""
+    if split != "auto":
+        return split
+    candidates = DEFAULT_SPLITS[fmt][which == "val"]
+    present = split_names(root, fmt)
+    return next((c for c in candidates if c in present), candidates[0])
 
 
 def read_split(root: str | Path, split: str, *, fmt: str = "auto", classes: Sequence[str] | None = None,
@@ -67,10 +93,11 @@ def read_split(root: str | Path, split: str, *, fmt: str = "auto", classes: Sequ
                         "names its own classes")
     if fmt == "coco":
         ann = root / "annotations" / f"instances_{split}.json"
+        if not ann.is_file() and (root / split / ROBOFLOW_COCO).is_file():
+            ann = root / split / ROBOFLOW_COCO
         if not ann.is_file():
-            found = sorted(p.name[len("instances_"):-len(".json")] for p in (root / "annotations").glob("instances_*.json"))
             raise DataError(f"{ann}: annotation file not found (a COCO-format data root holds annotations/instances_"
-                            f"{split}.json and {split}/; splits here: {', '.join(found) or 'none'})")
+                            f"{split}.json and {split}/; splits here: {', '.join(split_names(root, fmt)) or 'none'})")
         return Split("coco", ann, root / split, None)
     if fmt == "voc":
         from .voc import read_voc
@@ -133,4 +160,5 @@ def polygon_area(flat: Sequence[float]) -> float:
 
 
 __all__ = ["FORMATS", "DEFAULT_SPLITS", "Split", "Problems", "detect_format", "read_split", "split_name",
+           "split_names",
            "image_size", "polygon_area"]

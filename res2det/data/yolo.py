@@ -71,6 +71,8 @@ def _split_images(file: Path, base: Path, entry) -> list[Path]:
         if not isinstance(e, str):
             raise DataError(f"{file}: a split must be a folder, a .txt list of images or a list of them, got {e!r}")
         p = base / e
+        if not p.exists() and e.startswith("../"):  # Roboflow's exports point one folder up (as Ultralytics, retry)
+            p = base / e[3:]
         if p.is_dir():
             images += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES)
         elif p.is_file() and p.suffix == ".txt":
@@ -87,7 +89,7 @@ def _split_images(file: Path, base: Path, entry) -> list[Path]:
 def read_yolo(root: Path, split: str, *, on_bad: str = "fail") -> Split:
     file, data, names, base = read_yaml(root)
     if split not in data or data[split] is None:
-        found = [k for k in ("train", "val", "test") if data.get(k)]
+        found = [k for k in ("train", "val", "valid", "test") if data.get(k)]
         raise DataError(f"{file}: no split {split!r} (splits here: {', '.join(found) or 'none'})")
     paths = _split_images(file, base, data[split])
     if not paths:

@@ -52,7 +52,7 @@ def build_dataset(cfg: TrainConfig, preprocess: Any, split: str):
     d = cfg.data
     root = Path(d.root) if d.root is not None else shapes_dataset()
     fmt = detect_format(root) if d.format == "auto" else d.format
-    name = split_name(fmt, d.train_split if split == "train" else d.val_split, split)
+    name = split_name(root, fmt, d.train_split if split == "train" else d.val_split, split)
     source = read_split(root, name, fmt=fmt, classes=d.classes, on_bad=d.on_bad)
     common = dict(preprocess=preprocess, scale=d.scale, on_bad=d.on_bad, coco_data=source.coco_data,
                   with_masks=model_config(cfg).roi_head.with_mask)

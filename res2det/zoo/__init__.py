@@ -132,7 +132,8 @@ def create_model(name: str, weights: str | None = None, *, weights_format: str |
     which explicit ``overrides`` replace. ``config`` replaces the row's whole config before the overrides
     (e.g. ``res2det.engine.step.exhaustive_sampling(get_spec(name).config)``); it must be of the same type.
 
-    Fine-tuning: ``class_names`` other than the checkpoint's (``num_classes`` follows them) loads the weights
+    Fine-tuning: ``class_names`` other than those the checkpoint names (recorded in a res2det file, or the row's;
+    ``num_classes`` follows them) loads the weights
     with class transfer by name (``load_weights_for_classes``; ``class_map={'sofa': 'couch'}`` pairs classes by
     hand); the model's ``class_transfer`` then says what was transferred, new and rebuilt."""
     spec = get_spec(name)
@@ -144,9 +145,10 @@ def create_model(name: str, weights: str | None = None, *, weights_format: str |
     if weights is not None:
         path, source = _resolve_weights(spec, weights)
         loaded = read_weights(path)
-        if "class_names" in overrides:  # fine-tuning on other classes: the rest is the checkpoint's
+        trained = checkpoint_classes(spec, loaded[1], path)
+        if "class_names" in overrides and trained is not None:  # fine-tuning on other classes: transfer by name
             overrides.setdefault("num_classes", len(overrides["class_names"]))
-            transfer = bool(class_map) or tuple(overrides["class_names"]) != checkpoint_classes(spec, loaded[1], path)
+            transfer = bool(class_map) or tuple(overrides["class_names"]) != trained
         overrides = {**_recorded_options(loaded[1], path), **overrides}
     elif class_map:
         raise Res2DetError("class_map pairs the data's classes with a checkpoint's: give weights too")

@@ -125,6 +125,8 @@ def transfer_classes(model: nn.Module, state: StateDict, *, checkpoint_classes: 
     old = list(checkpoint_classes) if checkpoint_classes else None
     if old is not None and old_count is not None and len(old) != old_count:
         raise CheckpointError(f"{source}: names {len(old)} classes but its {cls_key} has {old_count} class rows")
+    if old is None and class_map:
+        raise CheckpointError(f"{source}: the checkpoint does not name its classes, so --class-map cannot pair them")
     if old is None and old_count == len(new_classes):  # unnamed, same number: taken as the same classes
         matches: list[int | None] = list(range(len(new_classes)))
     elif old is None:

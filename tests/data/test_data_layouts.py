@@ -146,3 +146,24 @@ def test_yolo_yaml_problems(tmp_path):
         dataset(root, "val", with_masks=False)
     with pytest.raises(DataError, match="no dataset layout found"):
         detect_format(tmp_path / "y" / "images")
+
+
+def test_roboflow_exports(tmp_path):
+    """Roboflow's COCO export (``<split>/_annotations.coco.json``, 'valid') and its YOLO data.yaml (paths one
+    folder up: ``../train/images``) read as Ultralytics reads them."""
+    from res2det.data.layouts import split_name
+
+    coco = write_coco(tmp_path / "coco", masks=False)
+    rf = tmp_path / "rf"
+    for split, name in (("train", "train"), ("val", "valid")):
+        (rf / name).mkdir(parents=True)
+        for image in (coco / split).iterdir():
+            (rf / name / image.name).write_bytes(image.read_bytes())
+        (rf / name / "_annotations.coco.json").write_text((coco / "annotations" / f"instances_{split}.json").read_text())
+    assert detect_format(rf) == "coco" and split_name(rf, "coco", "auto", "val") == "valid"
+    assert_same(targets(dataset(rf, "valid", with_masks=False)), targets(dataset(coco, "val", with_masks=False)))
+    yolo = write_yolo(tmp_path / "y")
+    (yolo / "data.yaml").write_text("train: ../images/train\nval: ../images/val\nnc: 3\nnames: "
+                                    "['dining table', 'person', 'cat']\n")
+    assert_same(targets(dataset(yolo, "val", with_masks=False)), targets(dataset(coco, "val", with_masks=False)),
+                atol=1e-9)
