@@ -55,7 +55,7 @@ def config(root: Path, out: Path, epochs: int, seed: int, size: int, **changes):
     recipe = Recipe(epochs=epochs, milestones=(epochs,), optimizer="adamw", base_lr=0.001, base_batch_size=4,
                     weight_decay=0.05, warmup_iters=20)
     data = DataConfig(root=str(root), train_split="train", val_split="val", num_workers=0, scale=(size, size))
-    return dataclasses.replace(SHAPES, data=data, recipe=recipe, eval_every=0, draw=0, log_every=25, out_dir=str(out),
+    return dataclasses.replace(SHAPES, data=data, recipe=recipe, eval_every=0, draw=0, log_every=10, out_dir=str(out),
                                seed=seed, **changes)
 
 

@@ -11,7 +11,7 @@ from .common import OPTIMIZE_HELP, check_output, optimized
 
 
 def _config(args):
-    from ..engine.train_config import apply_settings, load_config
+    from ..engine.train_config import RECIPES, apply_settings, load_config
 
     cfg = load_config(args.config)
     if args.data:
@@ -23,8 +23,6 @@ def _config(args):
     if args.out:
         cfg = dataclasses.replace(cfg, out_dir=args.out)
     if getattr(args, "recipe", None):
-        from ..engine.train_config import RECIPES
-
         cfg = dataclasses.replace(cfg, recipe=RECIPES[args.recipe])
     if getattr(args, "init", None):
         cfg = dataclasses.replace(cfg, init_weights=args.init)
@@ -112,7 +110,8 @@ def cmd_test(args) -> None:
     from ..engine.distributed import init_distributed
     from ..engine.trainer import build_dataset, model_preprocess, new_run_dir
     from ..evaluation import evaluate_model
-    from ..zoo import SOURCES, create_model
+    from ..checkpoint import read_weights
+    from ..zoo import SOURCES, checkpoint_classes, create_model, get_spec
 
     if args.optimize and args.precision != "fp32":
         raise Res2DetError("--optimize is the fp32 path's; leave out --precision")
@@ -120,9 +119,6 @@ def cmd_test(args) -> None:
     dist = init_distributed(cfg.device)
     val = build_dataset(cfg, model_preprocess(cfg), "val")
     names = tuple(val.class_names)
-    from ..checkpoint import read_weights
-    from ..zoo import checkpoint_classes, get_spec
-
     trained = checkpoint_classes(get_spec(cfg.model), read_weights(args.weights)[1], args.weights) \
         if args.weights not in SOURCES else get_spec(cfg.model).config.class_names
     if trained and tuple(trained) != names:  # same count, other classes: labels would map wrongly
@@ -144,6 +140,8 @@ def cmd_test(args) -> None:
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
+    from ..engine.train_config import RECIPES
+
     def common(p):
         p.add_argument("config", help="a preset (`shapes`, or a zoo detector name) or a .py file defining `config`")
         p.add_argument("--data", metavar="ROOT", help="data folder: COCO (annotations/instances_{split}.json, {split}/), "
@@ -160,7 +158,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--amp", choices=["bf16", "fp16"], help="mixed precision (fp16 with loss scaling)")
     p.add_argument("--init", metavar="SOURCE", help="fine-tune from these weights (a file, or a published source "
                    "such as mmdet): class-dependent rows transferred by class name (= --set init_weights=SOURCE)")
-    p.add_argument("--recipe", choices=["1x", "2x", "20e", "finetune"],
+    p.add_argument("--recipe", choices=sorted(RECIPES),
                    help="a training schedule in place of the preset's (finetune: small data from --init weights)")
     p.add_argument("--class-map", nargs="+", action="extend", metavar="NEW=OLD",
                    help="pair a class of the data with a class of the --init checkpoint by hand (sofa=couch)")
