@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import DataError
-from .layouts import Problems, Split, image_size
+from .layout_base import Problems, Split, image_size
 
 
 def _parse(xml: Path) -> ET.Element:
@@ -66,7 +66,11 @@ def read_voc(root: Path, split: str, *, classes: Sequence[str] | None = None, on
     images, annotations = [], []
     for image_id, stem in enumerate(ids, start=1):
         xml = root / "Annotations" / f"{stem}.xml"
-        tree = _parse(xml)
+        try:
+            tree = _parse(xml)
+        except DataError as e:  # a missing or malformed file: the image is bad (dropped with on_bad='skip')
+            problems.add("malformed_annotation", str(e))
+            continue
         file = root / "JPEGImages" / f"{stem}.jpg"
         if not file.is_file() and _text(tree, "filename"):
             file = root / "JPEGImages" / _text(tree, "filename")

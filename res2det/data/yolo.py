@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from ..errors import DataError
-from .layouts import Problems, Split, image_size, polygon_area
+from .layout_base import Problems, Split, image_size, polygon_area
 
 IMAGE_SUFFIXES = {".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp", ".mpo", ".dng", ".pfm"}
 
