@@ -169,3 +169,18 @@ def test_cli_fine_tunes_a_voc_folder_and_records_the_transfer(tmp_path, capsys):
     record = json.loads((tmp_path / "runs" / "shapes" / "class_transfer.json").read_text())
     assert record["new"] == ["cat"] and ["person", "person"] in record["transferred"]
     assert "roi_head.bbox_head.fc_cls" in record["rebuilt"]
+
+
+def test_voc_classes_map_onto_coco_with_the_documented_pairs():
+    """docs/your-data.md: the 20 Pascal VOC classes all find a COCO class by name, with four pairs by hand."""
+    from res2det.zoo.mmdetection import COCO_CLASSES
+    from res2det.zoo.transfer import match_classes, parse_class_map
+
+    voc = ("aeroplane bicycle bird boat bottle bus car cat chair cow diningtable dog horse motorbike person "
+           "pottedplant sheep sofa train tvmonitor").split()
+    pairs = parse_class_map(["sofa=couch", "aeroplane=airplane", "motorbike=motorcycle", "tvmonitor=tv"])
+    matches = match_classes(voc, COCO_CLASSES, pairs)
+    assert None not in matches
+    assert COCO_CLASSES[matches[voc.index("diningtable")]] == "dining table"
+    assert COCO_CLASSES[matches[voc.index("pottedplant")]] == "potted plant"
+    assert sorted(v for v, j in zip(voc, match_classes(voc, COCO_CLASSES, {})) if j is None) == sorted(pairs)
