@@ -346,6 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_parsers(sub)
 
+    from .data import add_parser as add_data_parser
+
+    add_data_parser(sub)
+
     from .benchmark import add_parser as add_benchmark_parser
 
     add_benchmark_parser(sub)

@@ -11,7 +11,7 @@ from .common import OPTIMIZE_HELP, check_output, optimized
 
 
 def _config(args):
-    from ..engine.train_config import apply_settings, load_config
+    from ..engine.train_config import RECIPES, apply_settings, load_config
 
     cfg = load_config(args.config)
     if args.data:
@@ -22,6 +22,12 @@ def _config(args):
         cfg = dataclasses.replace(cfg, device=args.device)
     if args.out:
         cfg = dataclasses.replace(cfg, out_dir=args.out)
+    if getattr(args, "recipe", None):
+        cfg = dataclasses.replace(cfg, recipe=RECIPES[args.recipe])
+    if getattr(args, "init", None):
+        cfg = dataclasses.replace(cfg, init_weights=args.init)
+    if getattr(args, "class_map", None):
+        cfg = dataclasses.replace(cfg, class_map=(*cfg.class_map, *args.class_map))
     cfg = apply_settings(cfg, args.set or [])
     check_output(cfg.out_dir, "--out", folder=True)  # before any data is read or model built
     return cfg
@@ -60,6 +66,8 @@ def cmd_train(args) -> None:
         run_dir = broadcast_object(run_dir, dist)
     trainer = Trainer(cfg, run_dir, resume=resume, dist=dist)
     if dist.is_main:
+        for line in trainer.notes:  # classes transferred / new, layers rebuilt, branches left out
+            print(line, flush=True)
         print(f"run folder: {run_dir}  ({trainer.iters_per_epoch} iterations/epoch x {cfg.recipe.epochs} epochs, "
               f"{dist.world_size} process(es) x batch {cfg.batch_size}, device {dist.device})", flush=True)
     summary = trainer.fit()
@@ -102,7 +110,8 @@ def cmd_test(args) -> None:
     from ..engine.distributed import init_distributed
     from ..engine.trainer import build_dataset, model_preprocess, new_run_dir
     from ..evaluation import evaluate_model
-    from ..zoo import create_model, recorded_options
+    from ..checkpoint import read_weights
+    from ..zoo import SOURCES, checkpoint_classes, create_model, get_spec
 
     if args.optimize and args.precision != "fp32":
         raise Res2DetError("--optimize is the fp32 path's; leave out --precision")
@@ -110,8 +119,9 @@ def cmd_test(args) -> None:
     dist = init_distributed(cfg.device)
     val = build_dataset(cfg, model_preprocess(cfg), "val")
     names = tuple(val.class_names)
-    trained = recorded_options(args.weights).get("class_names")
-    if trained is not None and tuple(trained) != names:  # same count, other classes: labels would map wrongly
+    trained = checkpoint_classes(get_spec(cfg.model), read_weights(args.weights)[1], args.weights) \
+        if args.weights not in SOURCES else get_spec(cfg.model).config.class_names
+    if trained and tuple(trained) != names:  # same count, other classes: labels would map wrongly
         raise Res2DetError(f"{args.weights}: trained on classes {list(trained)[:5]}{'...' if len(trained) > 5 else ''} "
                            f"but {val.ann_file} has {list(names)[:5]}{'...' if len(names) > 5 else ''}; "
                            "evaluate on data with the same categories")
@@ -130,9 +140,12 @@ def cmd_test(args) -> None:
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
+    from ..engine.train_config import RECIPES
+
     def common(p):
         p.add_argument("config", help="a preset (`shapes`, or a zoo detector name) or a .py file defining `config`")
-        p.add_argument("--data", metavar="ROOT", help="COCO-format folder: annotations/instances_{split}.json, {split}/")
+        p.add_argument("--data", metavar="ROOT", help="data folder: COCO (annotations/instances_{split}.json, {split}/), "
+                       "Pascal VOC (Annotations/, JPEGImages/, ImageSets/Main/) or YOLO (data.yaml); see `res2det data`")
         p.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE",
                        help="edit config fields, e.g. recipe.epochs=1 batch_size=4 model.frozen_stages=0 (repeatable)")
         p.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU when there is one)")
@@ -143,6 +156,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", nargs="?", const="latest", metavar="PATH",
                    help="continue the latest run of this config, or the run folder / checkpoint PATH")
     p.add_argument("--amp", choices=["bf16", "fp16"], help="mixed precision (fp16 with loss scaling)")
+    p.add_argument("--init", metavar="SOURCE", help="fine-tune from these weights (a file, or a published source "
+                   "such as mmdet): class-dependent rows transferred by class name (= --set init_weights=SOURCE)")
+    p.add_argument("--recipe", choices=sorted(RECIPES),
+                   help="a training schedule in place of the preset's (finetune: small data from --init weights)")
+    p.add_argument("--class-map", nargs="+", action="extend", metavar="NEW=OLD",
+                   help="pair a class of the data with a class of the --init checkpoint by hand (sofa=couch)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("test", help="COCO box/mask AP of a checkpoint on the config's validation set")

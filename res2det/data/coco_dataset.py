@@ -40,6 +40,10 @@ from .transforms import Sample, Scale, hflip, resize, sample_scale, to_tensors
 DEFAULT_PREPROCESS = Preprocess(input_size=(800, 1333), crop_pct=None)  # what predict() uses without one
 
 
+class MasksMissingError(DataError):
+    """Box-only data given to a model that trains masks."""
+
+
 @dataclass
 class ImageRecord:
     """One image of the dataset with its checked annotations (raw COCO dicts, crowd regions included)."""
@@ -246,13 +250,18 @@ class CocoDataset(torch.utils.data.Dataset):
 
     ``stuff_dir``: HTC's semantic targets, a folder of PNG label maps named like the images with ``.png``
     (COCO-stuff's ``stuffthingmaps``), at the image's size.
+
+    ``with_masks=False`` (models without a mask head) neither checks nor loads ``segmentation``: box-only data
+    trains them. ``with_masks=True`` on data where no annotation has a ``segmentation`` raises
+    ``MasksMissingError``. ``coco_data``: the instances dict itself (another layout converted by
+    ``res2det.data.layouts``), in place of reading ``ann_file``, which then only names the source in messages.
     """
 
     def __init__(self, ann_file: str | os.PathLike, image_dir: str | os.PathLike, *, train: bool,
                  preprocess: Preprocess | None = None, scale: Scale | None = None,
                  scale_choices: Sequence[Scale] | None = None, scale_range: tuple[int, int] | None = None,
                  flip_prob: float = 0.5, with_masks: bool = True, stuff_dir: str | os.PathLike | None = None,
-                 on_bad: str = "fail", min_size: int = 32):
+                 on_bad: str = "fail", min_size: int = 32, coco_data: dict | None = None):
         if on_bad not in ("fail", "skip"):
             raise ValueError(f"on_bad must be 'fail' or 'skip', got {on_bad!r}")
         if scale_choices is not None and scale_range is not None:
@@ -271,7 +280,7 @@ class CocoDataset(torch.utils.data.Dataset):
         self.filtered: Counter = Counter()  # legal data left out of training targets / images, by reason
         self._bad_indices: set[int] = set()  # images found unreadable when loaded (skip mode)
 
-        data = _read_json(self.ann_file)
+        data = _read_json(self.ann_file) if coco_data is None else coco_data
         images = _entries(data, "images", self.ann_file, ("id", "file_name", "width", "height"))
         cats = _entries(data, "categories", self.ann_file, ("id", "name"))
         anns = _entries(data, "annotations", self.ann_file, (), required=train)
@@ -289,6 +298,9 @@ class CocoDataset(torch.utils.data.Dataset):
         self.cat_id_to_label: dict[int, int] = {c: i for i, c in enumerate(cat_ids)}
         self.class_names: tuple[str, ...] = tuple(names[c] for c in cat_ids)
         self.categories = [{"id": c["id"], "name": c["name"]} for c in sorted(cats, key=lambda c: c["id"])]
+        if with_masks and anns and not any(isinstance(a, dict) and "segmentation" in a for a in anns):
+            raise MasksMissingError(f"{self.ann_file}: box-only data (no annotation has a 'segmentation'), and this "
+                                    "model has a mask head: it needs masks")
         self.records = self._check(images, anns, set(cat_ids))
         self._coco = None
 
@@ -498,4 +510,4 @@ class CocoDataset(torch.utils.data.Dataset):
         return out
 
 
-__all__ = ["CocoDataset", "ImageRecord", "check_annotation", "decode_mask", "DEFAULT_PREPROCESS"]
+__all__ = ["CocoDataset", "ImageRecord", "MasksMissingError", "check_annotation", "decode_mask", "DEFAULT_PREPROCESS"]

@@ -57,12 +57,14 @@ _RULES = {"epochs": "at least 1", "gamma": "finite, above 0", "base_lr": "finite
           "warmup_ratio": "in (0, 1]", "milestones": "epochs numbered from 1", "flip_prob": "a probability in [0, 1]",
           "num_workers": "at least 0", "scale": "None or two positive integers (long, short)",
           "train_scale_range": "None or (low, high) positive integers, low <= high", "on_bad": "'fail' or 'skip'",
+          "format": "'auto', 'coco', 'voc' or 'yolo'", "classes": "None or a non-empty list of class names",
           "batch_size": "at least 1", "amp": "'none', 'bf16' or 'fp16'", "grad_clip": "None or above 0",
           "on_nonfinite": "'stop' or 'skip'", "eval_every": "at least 0 (0: after the last epoch only)",
           "checkpoint_every": "at least 0 (0: at epoch ends only)", "keep_last": "at least 1",
           "log_every": "at least 1", "draw": "at least 0", "max_iters": "None or at least 1",
           "device": "'auto', 'cpu', 'cuda' or 'cuda:N'", "seed": "an integer in [-2**63, 2**63)",
-          "backbone_init": "None or (classifier name, weights)"}
+          "backbone_init": "None or (classifier name, weights)",
+          "class_map": "'NEW=OLD' pairs: a class of the data = a class of the checkpoint"}
 
 
 @dataclass(frozen=True)
@@ -96,17 +98,28 @@ RECIPES: dict[str, Recipe] = {
     "1x": Recipe(epochs=12, milestones=(8, 11)),
     "2x": Recipe(epochs=24, milestones=(16, 22)),
     "20e": Recipe(epochs=20, milestones=(16, 19)),
+    # Fine-tuning a COCO-trained row on a small data set (`res2det train ROW --init mmdet --recipe finetune`).
+    # mmdetection's fine-tuning guide (docs/en/user_guides/finetune.md): SGD at lr 0.01 for a batch of 8 (the
+    # COCO schedules' lr per image), linear warm-up from 0.001, 8 epochs with one x0.1 decay after the 7th; the
+    # row's own frozen stem + first stage and fixed BN statistics (mmdet frozen_stages=1, norm_eval; detectron2's
+    # FREEZE_AT=2 is the same layers). Warm-up 100 iterations instead of mmdetection's 500: those assume its
+    # Cityscapes example (2975 images repeated 8 times per epoch); on a few hundred images 500 iterations would
+    # be most of the run (detectron2's balloon example never leaves its 1000-iteration warm-up in 300 iterations).
+    "finetune": Recipe(epochs=8, milestones=(7,), base_lr=0.01, base_batch_size=8, warmup_iters=100),
 }
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the COCO-format data is: ``root/annotations/instances_{split}.json`` and ``root/{split}/``.
-    ``root=None`` is the embedded shapes set (generated on first use)."""
+    """Where the data is: a folder in one of ``res2det.data.layouts``' layouts (COCO json:
+    ``root/annotations/instances_{split}.json`` and ``root/{split}/``; Pascal VOC; YOLO), found from its files or
+    forced with ``format``. ``root=None`` is the embedded shapes set (generated on first use)."""
 
     root: str | None = "data/coco"
-    train_split: str = "train2017"
-    val_split: str = "val2017"
+    format: Literal["auto", "coco", "voc", "yolo"] = "auto"
+    train_split: str = "auto"  # 'auto': the layout's usual name (COCO train2017, VOC and YOLO train)
+    val_split: str = "auto"  # 'auto': COCO val2017, VOC and YOLO val
+    classes: tuple[str, ...] | None = None  # Pascal VOC: the classes, in this order (default: as first seen)
     stuff_dir: str | None = None  # HTC's semantic maps, relative to root (e.g. 'stuffthingmaps/train2017')
     scale: tuple[int, int] | None = None  # (long, short) resize bounds; None: the model's own (e.g. 1333x800)
     train_scale_range: tuple[int, int] | None = None  # short side drawn from this range in training (multi-scale)
@@ -123,14 +136,18 @@ class DataConfig:
         _check(self, flip_prob=0 <= self.flip_prob <= 1, num_workers=self.num_workers >= 0, scale=pair(self.scale),
                train_scale_range=pair(self.train_scale_range) and (
                    self.train_scale_range is None or self.train_scale_range[0] <= self.train_scale_range[1]),
-               on_bad=self.on_bad in ("fail", "skip"))
+               on_bad=self.on_bad in ("fail", "skip"), format=self.format in ("auto", "coco", "voc", "yolo"),
+               classes=self.classes is None or (len(self.classes) > 0 and all(self.classes)))
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     model: str  # a zoo name; num_classes and class_names come from the dataset
     model_options: dict[str, Any] = field(default_factory=dict)  # create_model overrides
-    init_weights: str | None = None  # a detector checkpoint to start from (fine-tuning)
+    # a detector checkpoint to start from (fine-tuning): a file or a published source ('mmdet'); trained on other
+    # classes, its class-dependent rows are transferred by class name (res2det.zoo.transfer)
+    init_weights: str | None = None
+    class_map: tuple[str, ...] = ()  # 'NEW=OLD' pairs: a class of the data takes a checkpoint class's rows
     # (ImageNet classifier name, its weights: a file or a published source such as 'official'): the backbone's
     # initialisation, as the published recipes start from ImageNet weights (ignored with init_weights)
     backbone_init: tuple[str, str] | None = None
@@ -164,6 +181,8 @@ class TrainConfig:
                max_iters=self.max_iters is None or self.max_iters >= 1,
                device=re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)) is not None,
                seed=-2**63 <= self.seed < 2**63,  # what torch.manual_seed takes
+               class_map=all(isinstance(m, str) and m.partition("=")[0].strip() and m.partition("=")[2].strip()
+                             for m in self.class_map),
                backbone_init=self.backbone_init is None or (
                    len(self.backbone_init) == 2 and isinstance(self.backbone_init[0], str)
                    and isinstance(self.backbone_init[1], (str, os.PathLike))))

@@ -1,6 +1,7 @@
 """The training loop: DDP-aware, mixed precision, exact resume, atomic checkpoints, evaluation, logging."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -41,33 +42,77 @@ def seed_everything(seed: int) -> None:
 
 
 def build_dataset(cfg: TrainConfig, preprocess: Any, split: str):
-    """The ``'train'`` or ``'val'`` dataset of ``cfg.data`` (the embedded shapes set when ``root`` is None)."""
+    """The ``'train'`` or ``'val'`` dataset of ``cfg.data`` (the embedded shapes set when ``root`` is None), in
+    whichever layout its folder has; masks are read only for a model with a mask head."""
     from ..data import CocoDataset, shapes_dataset
+    from ..data.coco_dataset import MasksMissingError
+    from ..data.layouts import detect_format, read_split, split_name
+    from ..errors import DataError
 
     d = cfg.data
     root = Path(d.root) if d.root is not None else shapes_dataset()
-    name = d.train_split if split == "train" else d.val_split
-    ann = root / "annotations" / f"instances_{name}.json"
-    if not ann.is_file():
-        raise Res2DetError(f"{ann}: annotation file not found (a COCO-format data root holds "
-                           f"annotations/instances_{name}.json and {name}/; set --data or data.root)")
-    common = dict(preprocess=preprocess, scale=d.scale, on_bad=d.on_bad)
-    if split == "train":
-        return CocoDataset(ann, root / name, train=True, flip_prob=d.flip_prob, scale_range=d.train_scale_range,
-                           stuff_dir=(root / d.stuff_dir) if d.stuff_dir else None, **common)
-    return CocoDataset(ann, root / name, train=False, **common)
+    fmt = detect_format(root) if d.format == "auto" else d.format
+    name = split_name(root, fmt, d.train_split if split == "train" else d.val_split, split)
+    source = read_split(root, name, fmt=fmt, classes=d.classes, on_bad=d.on_bad)
+    common = dict(preprocess=preprocess, scale=d.scale, on_bad=d.on_bad, coco_data=source.coco_data,
+                  with_masks=model_config(cfg).roi_head.with_mask)
+    try:
+        if split == "train":
+            dataset = CocoDataset(source.ann_file, source.image_dir, train=True, flip_prob=d.flip_prob,
+                                  scale_range=d.train_scale_range,
+                                  stuff_dir=(root / d.stuff_dir) if d.stuff_dir else None, **common)
+        else:
+            dataset = CocoDataset(source.ann_file, source.image_dir, train=False, **common)
+    except MasksMissingError as e:
+        raise DataError(f"{e}; {box_only_alternative(cfg.model)}") from None
+    dataset.skipped.update(source.skipped)
+    return dataset
 
 
-def model_preprocess(cfg: TrainConfig) -> Any:
-    """The input normalisation and resize bounds the model of ``cfg`` will have (a detector's is part of its
-    config, so ``model_options`` may change it), for the datasets that feed it."""
+def box_only_alternative(model: str) -> str:
+    """What trains on boxes instead of ``model`` (a row with a mask head)."""
+    from ..zoo import MODELS
+
+    for box_row in (model.replace("cascade_mask_rcnn", "cascade_rcnn"), model.replace("htc_", "cascade_rcnn_"),
+                    model.replace("mask_rcnn", "faster_rcnn")):
+        if box_row != model and box_row in MODELS and MODELS[box_row].task == "detection":
+            return f"train the box-only row {box_row} on it"
+    return f"train {model} without its mask head on it (--set model.with_mask=False)"
+
+
+def model_config(cfg: TrainConfig) -> Any:
+    """The config of the model ``cfg`` builds (the row's, with ``model_options`` applied)."""
     from ..overrides import apply_overrides
     from ..zoo import get_spec
 
     spec = get_spec(cfg.model)
     options = dict(cfg.model_options)
     config = options.pop("config", spec.config)
-    return getattr(apply_overrides(config, options), "preprocess", spec.preprocess)
+    return apply_overrides(config, options)
+
+
+def fit_to_data(cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
+    """``cfg`` adapted to what its data has, with a line saying each change: HTC without semantic label maps
+    trains without its semantic branch (mmdetection's htc-without-semantic)."""
+    htc = getattr(getattr(model_config(cfg), "roi_head", None), "htc", None)
+    if htc is None or not htc.with_semantic:
+        return cfg, []
+    d = cfg.data
+    maps = None if d.stuff_dir is None or d.root is None else Path(d.root) / d.stuff_dir
+    if maps is not None and maps.is_dir():
+        return cfg, []
+    cfg = dataclasses.replace(cfg, model_options={**cfg.model_options, "with_semantic": False},
+                              data=dataclasses.replace(d, stuff_dir=None))
+    where = "no data.stuff_dir" if maps is None else f"no semantic label maps at {maps}"
+    return cfg, [f"{cfg.model}: {where}: training without the semantic branch (mmdetection's htc-without-semantic)"]
+
+
+def model_preprocess(cfg: TrainConfig) -> Any:
+    """The input normalisation and resize bounds the model of ``cfg`` will have (a detector's is part of its
+    config, so ``model_options`` may change it), for the datasets that feed it."""
+    from ..zoo import get_spec
+
+    return getattr(model_config(cfg), "preprocess", get_spec(cfg.model).preprocess)
 
 
 def build_model(cfg: TrainConfig, class_names: tuple[str, ...]) -> nn.Module:
@@ -80,10 +125,11 @@ def build_model(cfg: TrainConfig, class_names: tuple[str, ...]) -> nn.Module:
 
         options["config"] = exhaustive_sampling(options.get("config", get_spec(cfg.model).config))
     model = create_model(cfg.model, **options)
-    if cfg.init_weights:
-        from ..zoo import get_spec, load_weights
+    if cfg.init_weights:  # fine-tuning: class transfer by name, the rest strictly (model.class_transfer says)
+        from ..zoo import get_spec, load_weights_for_classes
 
-        load_weights(model, get_spec(cfg.model), cfg.init_weights)
+        model.class_transfer = load_weights_for_classes(model, get_spec(cfg.model), cfg.init_weights,
+                                                        class_map=cfg.class_map)
     elif cfg.backbone_init:
         from ..zoo import load_backbone_weights
 
@@ -124,6 +170,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, resume: str | Path | bool | None = None,
                  progress: bool = True, dist: DistInfo | None = None):
+        cfg, self.notes = fit_to_data(cfg)
         self.cfg = cfg
         self.dist = dist or init_distributed(cfg.device)
         self.run_dir = Path(run_dir)
@@ -133,6 +180,9 @@ class Trainer:
         self.train_set = build_dataset(cfg, preprocess, "train")
         self.val_set = build_dataset(cfg, preprocess, "val")
         self.model = build_model(cfg, self.train_set.class_names).to(self.dist.device)
+        self.class_transfer = getattr(self.model, "class_transfer", None)
+        if self.class_transfer is not None:
+            self.notes += self.class_transfer.lines()
         if cfg.sync_bn and self.dist.distributed:
             if self.dist.device.type != "cuda":
                 raise Res2DetError("sync_bn needs GPUs (PyTorch's SyncBatchNorm has no CPU implementation)")
@@ -222,6 +272,9 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             text = json.dumps(config_to_dict(cfg), indent=2) + "\n"
             atomic_write(self.run_dir / "config.json", lambda tmp: Path(tmp).write_text(text))
+            if self.class_transfer is not None and self.iteration == 0:  # what the fine-tuning started from
+                transfer = json.dumps(self.class_transfer.to_dict(), indent=2) + "\n"
+                atomic_write(self.run_dir / "class_transfer.json", lambda tmp: Path(tmp).write_text(transfer))
             for stale in self.run_dir.glob(".*.tmp"):  # an atomic write cut short by a kill
                 stale.unlink(missing_ok=True)
         log = self.run_dir / "log.jsonl"

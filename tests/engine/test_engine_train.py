@@ -264,7 +264,7 @@ def test_cli_train_evaluates_and_draws_and_test_reproduces_it(shapes_root, tmp_p
     assert f"box AP: AP {evaluated['bbox_AP']:.3f}" in out and f"mask AP: AP {evaluated['segm_AP']:.3f}" in out
     bad = _cli("train", "shapes", "--data", str(tmp_path / "nowhere"))
     out, _ = bad.communicate(timeout=120)
-    assert bad.returncode == 2 and "annotation file not found" in out and "Traceback" not in out
+    assert bad.returncode == 2 and "nowhere: data folder not found" in out and "Traceback" not in out
 
 
 @pytest.mark.slow

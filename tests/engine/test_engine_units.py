@@ -22,9 +22,14 @@ def test_recipes_are_mmdetections():
     assert (RECIPES["1x"].epochs, RECIPES["1x"].milestones) == (12, (8, 11))
     assert (RECIPES["2x"].epochs, RECIPES["2x"].milestones) == (24, (16, 22))
     assert (RECIPES["20e"].epochs, RECIPES["20e"].milestones) == (20, (16, 19))
-    for r in RECIPES.values():
+    for name in ("1x", "2x", "20e"):
+        r = RECIPES[name]
         assert (r.base_lr, r.base_batch_size, r.momentum, r.weight_decay) == (0.02, 16, 0.9, 1e-4)
         assert (r.warmup_iters, r.warmup_ratio) == (500, 0.001)
+    # mmdetection's fine-tuning guide: lr 0.01 per 8 images (the same lr per image), 8 epochs, decay after the 7th
+    ft = RECIPES["finetune"]
+    assert (ft.epochs, ft.milestones, ft.base_lr / ft.base_batch_size) == (8, (7,), 0.02 / 16)
+    assert lr_factor(8 * 100 - 1, 100, ft) == pytest.approx(0.1) and lr_factor(7 * 100 - 1, 100, ft) == 1.0
 
 
 def test_linear_scaling_and_optimizer():
