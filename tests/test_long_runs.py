@@ -70,7 +70,7 @@ def test_folder_infer_goes_on_past_unreadable_files(tiny_weights, tmp_path, caps
            photos / "e.png": b""}  # last: empty
     for path, data in bad.items():
         path.write_bytes(data)
-    weights = ["--model", TINY, "--weights", str(tiny_weights)]
+    weights = ["--model", TINY, "--weights", str(tiny_weights), "--score-thr", "0.9"]  # few masks to paste: fast
     alone = tmp_path / "alone.jsonl"  # the good images by themselves
     assert main(["infer", *weights, *map(str, good), "--out", str(alone)]) == 0
     capsys.readouterr()
@@ -117,7 +117,8 @@ def test_a_json_list_out_records_unreadable_images_too(tiny_weights, tmp_path, c
     bad = tmp_path / "000000000002.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n")
     out = tmp_path / "dets.json"
-    argv = ["infer", "--model", TINY, "--weights", str(tiny_weights), str(good[0]), str(bad), str(good[1])]
+    argv = ["infer", "--model", TINY, "--weights", str(tiny_weights), "--score-thr", "0.9", str(good[0]), str(bad),
+            str(good[1])]
     assert main([*argv, "--out", str(out)]) == 2
     records = json.loads(out.read_text())
     assert [r["file"] for r in records] == [str(good[0]), str(bad), str(good[1])]
@@ -217,7 +218,7 @@ def uninterrupted(shapes_root, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_at_a_random_moment_then_resume_is_bit_exact(uninterrupted, tmp_path, signum):
     config, expected, seconds = uninterrupted
     seed = random.randrange(10**6)
