@@ -61,6 +61,7 @@ def _records(path: Path) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------ unreadable files in a folder
+@pytest.mark.slow
 def test_folder_infer_goes_on_past_unreadable_files(tiny_weights, tmp_path, capsys):
     photos = tmp_path / "photos"
     good = [_png(photos / "b.png", 1), _png(photos / "d.png", 2)]
