@@ -114,25 +114,40 @@ def postprocess(result: Mapping[str, Tensor], *, scale_factor: Sequence[float], 
     return clip_boxes(boxes, size).cpu(), scores.cpu(), labels.cpu(), masks
 
 
+class _Unreadable:
+    """Image ``index`` could not be read or decoded: ``message`` (naming it) instead of its sample."""
+
+    def __init__(self, index: int, message: str):
+        self.index, self.message = index, message
+
+
 class _Prepared(Dataset):
     """Image ``i`` decoded and pre-processed (in a loader worker when there are workers): ``(i, rgb, input,
-    scale_factor)``."""
+    scale_factor)``; with ``keep_going``, an image that cannot be read is an ``_Unreadable`` instead of an
+    error."""
 
-    def __init__(self, items: list, preprocess: Preprocess, input_size: tuple[int, int] | None):
-        self.items, self.preprocess, self.input_size = items, preprocess, input_size
+    def __init__(self, items: list, preprocess: Preprocess, input_size: tuple[int, int] | None,
+                 keep_going: bool = False):
+        self.items, self.preprocess, self.input_size, self.keep_going = items, preprocess, input_size, keep_going
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int):
-        rgb = to_rgb_uint8(self.items[i])
+        try:
+            rgb = to_rgb_uint8(self.items[i])
+        except Res2DetError as e:
+            if not self.keep_going:
+                raise
+            return _Unreadable(i, str(e))
         return (i, rgb, *detection_input(rgb, self.preprocess, fit=self.input_size))
 
 
 def iter_predict(detect: DetectFn, images: ImageLike | Sequence[ImageLike], *, preprocess: Preprocess,
                  class_names: Sequence[str], mask_thr: float = 0.5, mask_paste: str = "mmdet",
                  score_thr: float | None = None, batch_size: int = 1, input_size: tuple[int, int] | None = None,
-                 num_workers: int = 0) -> Iterator[tuple[ImageLike, np.ndarray, Detections]]:
+                 num_workers: int = 0, on_bad: Callable[[ImageLike, str], None] | None = None
+                 ) -> Iterator[tuple[ImageLike, np.ndarray, Detections]]:
     """``(image, its HxWx3 uint8 pixels, Detections)`` per image, in order, as each batch is done.
 
     Images go through ``detection_input`` with ``preprocess`` (in ``num_workers`` background processes while
@@ -140,14 +155,24 @@ def iter_predict(detect: DetectFn, images: ImageLike | Sequence[ImageLike], *, p
     ``input_size = (H, W)`` (an exported graph's fixed input; an image whose resized size does not fit is
     scaled down to fit). ``mask_thr``, ``mask_paste`` and ``score_thr`` are ``postprocess``'s. ``detect`` gets
     each image's ``scale_factor`` and ``orig_size`` too (heads that post-process in original pixels need them).
+
+    An image that cannot be read or decoded raises its ``Res2DetError`` (naming the file); with ``on_bad``, it
+    is passed to ``on_bad(image, message)`` instead and skipped, and the other images go on (a folder run).
     """
     if batch_size < 1:
         raise Res2DetError(f"batch_size must be at least 1, got {batch_size}")
     items = image_list(images)
     # (an unreadable image is the same one-line error with workers as without: ``Loader``)
-    loader = Loader(_Prepared(items, preprocess, input_size), batch_size=batch_size, num_workers=num_workers,
-                    collate_fn=list)
+    loader = Loader(_Prepared(items, preprocess, input_size, keep_going=on_bad is not None),
+                    batch_size=batch_size, num_workers=num_workers, collate_fn=list)
     for samples in loader:
+        if on_bad is not None:
+            for s in samples:
+                if isinstance(s, _Unreadable):
+                    on_bad(items[s.index], s.message)
+            samples = [s for s in samples if not isinstance(s, _Unreadable)]
+            if not samples:
+                continue
         batch = pad_batch([x for _, _, x, _ in samples], size=input_size)
         results = detect(batch, [tuple(x.shape[-2:]) for _, _, x, _ in samples],
                          [{"scale_factor": scale, "orig_size": rgb.shape[:2]} for _, rgb, _, scale in samples])

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import pickle
+import signal
 from typing import Any, Callable, Iterator
 
 from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
 from .errors import Res2DetError
+from .interrupt import SIGNALS, stopping_on_signals
 
 
 class _Failed:
@@ -54,6 +56,21 @@ class _GuardedCollate:
         return self.collate_fn(batch)
 
 
+class _IgnoreStopSignals:
+    """A worker's ``worker_init_fn``: SIGTERM / SIGINT are the main process's to handle (it stops at a safe point
+    and ends its workers; a worker dying of the signal first would end the main process with a worker error),
+    then the caller's own ``worker_init_fn``."""
+
+    def __init__(self, then: Callable | None):
+        self.then = then
+
+    def __call__(self, worker_id: int) -> None:
+        for s in SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+        if self.then is not None:
+            self.then(worker_id)
+
+
 class Loader(DataLoader):
     """PyTorch's ``DataLoader`` (same arguments), except that a ``Res2DetError`` raised while loading a sample
     (an unreadable image, a stuff map of the wrong size...) reaches the caller as itself: the same type and the
@@ -62,6 +79,8 @@ class Loader(DataLoader):
     ``on_bad="skip"``) it skips in a worker too. Training and evaluation both read their data through it."""
 
     def __init__(self, dataset: Dataset, *, collate_fn: Callable | None = None, **kwargs: Any):
+        if stopping_on_signals() and kwargs.get("num_workers"):  # inside ``interrupt.stop_on_signals``
+            kwargs["worker_init_fn"] = _IgnoreStopSignals(kwargs.get("worker_init_fn"))
         super().__init__(_Guarded(dataset), collate_fn=_GuardedCollate(collate_fn), **kwargs)
 
     def __iter__(self) -> Iterator:

@@ -242,27 +242,29 @@ def _(folder, env):
 def _(folder, env):
     write(folder / "photos" / "a.png", PNG)
     bad = write(folder / "photos" / "b.jpg", "not a jpeg")
-    return infer_argv(env, folder / "photos"), [f"error: {bad}: not a readable image"]
+    return infer_argv(env, folder / "photos", extra=("--on-bad", "fail")), [f"error: {bad}: not a readable image"]
 
 
 @case("images", "folder-with-one-truncated-image")
 def _(folder, env):
     bad = write(folder / "photos" / "a.png", PNG[:IDAT_AT + 8 + IDAT_LEN // 2])  # first: no forward pass to wait for
     write(folder / "photos" / "b.png", PNG)
-    return infer_argv(env, folder / "photos"), [f"error: {bad}: not a readable image"]
+    return infer_argv(env, folder / "photos", extra=("--on-bad", "fail")), [f"error: {bad}: not a readable image"]
 
 
 @case("images", "glob-matching-a-text-file")
 def _(folder, env):
     write(folder / "in" / "a.png", PNG)
     bad = write(folder / "in" / "b.txt", "text")
-    return infer_argv(env, str(folder / "in" / "*")), [f"error: {bad}: not a readable image"]
+    return infer_argv(env, str(folder / "in" / "*"), extra=("--on-bad", "fail")), \
+        [f"error: {bad}: not a readable image"]
 
 
 @case("images", "good-image-then-missing-one")
 def _(folder, env):
     good = write(folder / "a.png", PNG)
-    return infer_argv(env, good, folder / "b.png"), [f"error: {folder / 'b.png'}: image file not found"]
+    return infer_argv(env, good, folder / "b.png", extra=("--on-bad", "fail")), \
+        [f"error: {folder / 'b.png'}: image file not found"]
 
 
 @case("images", "existing-outputs-kept-on-a-bad-image")

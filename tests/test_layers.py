@@ -13,7 +13,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "res2det"
 
 # (layer, first component of the module path below ``res2det``)
 LAYERS = [
-    {"errors", "version", "structures", "images", "overrides", "loading"},  # plain types, images, config edits, loader
+    # plain types, images, config edits, loader, graceful stop on signals
+    {"errors", "version", "structures", "images", "overrides", "loading", "interrupt"},
     {"ops"},  # detection ops (RoIAlign, NMS, deformable conv, Winograd), pure PyTorch
     {"models", "inference"},  # nn.Modules built from typed configs; the inference path their predict runs
     {"checkpoint", "pdparams", "fluid"},  # reading and writing weight files

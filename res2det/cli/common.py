@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 from ..errors import Res2DetError, Res2DetWarning
+from ..interrupt import Interrupted
 
 
 def text_table(rows: list[list[str]], header: list[str]) -> str:
@@ -95,4 +96,11 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
         where = e.filename or "writing the output"
         print(f"res2det: error: {where}: {_one_line(e.strerror or e)}", file=sys.stderr)
         return 2
+    except Interrupted as e:  # stopped at a safe point by SIGTERM / SIGINT (``res2det.interrupt``)
+        if str(e):
+            print(f"res2det: {_one_line(e)}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # Ctrl-C where nothing needs saving (before the work starts, or in a short command)
+        print("res2det: SIGINT: stopped", file=sys.stderr)
+        return 130
     return 0

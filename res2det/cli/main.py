@@ -13,6 +13,7 @@ import torch
 from ..version import __version__
 from ..checkpoint import append_text, atomic_write
 from ..errors import Res2DetError
+from ..interrupt import Interrupted, signal_name, stop_on_signals, stop_requested
 from .common import OPTIMIZE_HELP, check_output, optimized, run, text_table
 
 
@@ -170,22 +171,50 @@ def expand_images(sources: list[str]) -> list[str]:
     return out
 
 
-def _done_files(path: Path) -> set[str]:
-    """The images an earlier, interrupted run already wrote to the JSON-lines file ``path``; a last line the
-    interruption cut short is dropped from the file."""
-    done, lines = set(), path.read_text(encoding="utf-8").splitlines(keepends=True)
+def _done_files(path: Path, *, retry_bad: bool = False) -> tuple[set[str], int]:
+    """(the images an earlier, interrupted run already wrote to the JSON-lines file ``path``, how many of those
+    are unreadable-image records). A last line the interruption cut short is dropped from the file; so are the
+    unreadable-image records with ``retry_bad`` (their images are then not done)."""
+    done, lines, kept, bad = set(), path.read_text(encoding="utf-8").splitlines(keepends=True), [], 0
     for n, line in enumerate(lines, 1):
         try:
-            done.add(json.loads(line)["file"])
+            record = json.loads(line)
+            file = record["file"]
         except (ValueError, KeyError, TypeError):
             if n < len(lines):  # only the last line may have been cut short by the interruption
                 raise Res2DetError(f"{path}: line {n} is not a record written by `res2det infer`") from None
-            kept = "".join(lines[:-1])
-            atomic_write(path, lambda tmp: Path(tmp).write_text(kept, encoding="utf-8"))
-    return done
+            continue
+        if "error" in record and retry_bad:
+            continue
+        done.add(file)
+        bad += "error" in record
+        kept.append(line)
+    if len(kept) != len(lines):
+        text = "".join(kept)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return done, bad
+
+
+def _first_readable(images: list[str]) -> str:
+    """The first of ``images`` that decodes (the example image of --backend onnxruntime / --optimize when
+    unreadable files are skipped)."""
+    from ..images import load_image
+
+    for image in images:
+        try:
+            load_image(image)
+            return image
+        except Res2DetError:
+            continue
+    raise Res2DetError(f"none of the {len(images)} image(s) can be read")
 
 
 def cmd_infer(args) -> None:
+    with stop_on_signals():  # SIGTERM / SIGINT: stop after the current image's record, exit 128 + the signal
+        _infer(args)
+
+
+def _infer(args) -> None:
     from tqdm import tqdm
 
     from ..images import check_image
@@ -209,11 +238,14 @@ def cmd_infer(args) -> None:
     if args.optimize and (onnx_runtime or args.precision != "fp32"):
         raise Res2DetError("--optimize is the fp32 PyTorch path's; leave out --precision, --backend and --onnx")
     images = expand_images(args.images)
-    for image in images:  # fail on a missing or non-image file before building the model
+    keep_going = args.on_bad == "skip" and len(images) > 1  # one image: nothing to go on with, its error it is
+    for image in images if not keep_going else ():  # fail on a missing or non-image file before building the model
         check_image(image)
     jsonl = args.out is not None and args.out.endswith(".jsonl")
     if args.resume and not jsonl:
         raise Res2DetError("--resume continues a JSON-lines --out FILE.jsonl")
+    if args.retry_bad and not args.resume:
+        raise Res2DetError("--retry-bad goes with --resume (it tries again the images recorded as unreadable)")
     if args.out:
         check_output(args.out, "--out")
     if args.draw:
@@ -224,9 +256,10 @@ def cmd_infer(args) -> None:
         check_output(f"{args.coco_json}.{kind}.json", "--coco-json")
     all_images = images
     if args.resume and Path(args.out).exists():
-        done = _done_files(Path(args.out))
+        done, earlier_bad = _done_files(Path(args.out), retry_bad=args.retry_bad)
         images = [i for i in images if str(i) not in done]
-        print(f"--resume: {len(done)} image(s) already in {args.out}, {len(images)} to go")
+        unreadable = f" ({earlier_bad} of them unreadable; --retry-bad tries those again)" if earlier_bad else ""
+        print(f"--resume: {len(done)} image(s) already in {args.out}{unreadable}, {len(images)} to go")
     if args.onnx is not None:  # the exported graph in ONNX Runtime, with the same predict()
         from .export import onnx_detector
 
@@ -239,21 +272,42 @@ def cmd_infer(args) -> None:
         if args.backend == "onnxruntime" and images:
             from ..deploy import onnx_backend
 
-            model = onnx_backend(model, model_name=args.model, check_image=images[0])
+            model = onnx_backend(model, model_name=args.model, check_image=_first_readable(images))
         if args.optimize and images:
-            model = optimized(model, images[0])
+            model = optimized(model, _first_readable(images))
     if args.coco_json:  # ids checked before any image runs
         image_ids, cat_ids = _coco_ids(args.ann, all_images, tuple(model.class_names))
     draw_dir = Path(args.draw) if args.draw else None
     draw_thr = 0.3 if args.score_thr is None else args.score_thr
     options = {} if onnx_runtime else {"precision": args.precision, "batch_size": args.batch_size}
-    records, drawn, count, start, with_masks = [], set(), 0, time.perf_counter(), False
+    records, drawn, count, start, with_masks, bad = [], set(), 0, time.perf_counter(), False, []
     if jsonl and not args.resume:
         atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text(""))
     bar = tqdm(total=len(images), unit="img", disable=not sys.stderr.isatty(), dynamic_ncols=True)
+
+    def skip_unreadable(image, message: str) -> None:  # --on-bad skip: one line, a record, and go on
+        bad.append(image)
+        bar.update()
+        bar.write(f"res2det: warning: {message}; skipped", file=sys.stderr)
+        record = {"file": str(image), "error": message}
+        if jsonl:  # so that --resume does not try it again (unless --retry-bad)
+            append_text(args.out, json.dumps(record) + "\n")
+        elif args.out:
+            records.append(record)
+        stop_if_signalled()
+
+    def stop_if_signalled() -> None:  # between two images: every record written so far is complete
+        signum = stop_requested()
+        if signum:
+            kept = (f"the records in {args.out} are complete; to continue, run the same command with --resume"
+                    if jsonl else "nothing written (--out FILE.jsonl keeps each image's record as it is done)")
+            raise Interrupted(signum, f"{signal_name(signum)}: stopped after {count + len(bad)} of {len(images)} "
+                                      f"image(s); {kept}")
+
     try:
+        stop_if_signalled()
         for image, rgb, det in model.iter_predict(images, score_thr=args.score_thr, num_workers=args.workers,
-                                                  **options):
+                                                  on_bad=skip_unreadable if keep_going else None, **options):
             bar.update()
             count += 1
             with_masks = det.instance_masks is not None
@@ -273,6 +327,7 @@ def cmd_infer(args) -> None:
                 path = draw_dir / f"{stem}.png"
                 atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
                 bar.write(f"  drawn: {path}")
+            stop_if_signalled()
     finally:
         bar.close()
     elapsed = time.perf_counter() - start
@@ -285,9 +340,13 @@ def cmd_infer(args) -> None:
     if args.coco_json:  # from every record, those of an earlier interrupted run included
         if jsonl:
             records = [json.loads(line) for line in Path(args.out).read_text(encoding="utf-8").splitlines()]
-            records = [r for r in records if r["file"] in image_ids]
+        records = [r for r in records if r["file"] in image_ids and "error" not in r]
         with_masks = with_masks or any("mask" in d for r in records for d in r["detections"])
         _write_coco_json(args.coco_json, records, image_ids, cat_ids, with_masks=with_masks)
+    if bad:
+        where = f"; {args.out} records them with an 'error' field" if args.out else ""
+        retry = " (--resume --retry-bad tries them again)" if jsonl else ""
+        raise Res2DetError(f"{len(bad)} of {len(images)} image(s) could not be read and were skipped{where}{retry}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -333,6 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "interruption loses nothing; see --resume), any other name one JSON list at the end; masks as "
                    "COCO RLE")
     p.add_argument("--resume", action="store_true", help="with --out FILE.jsonl: skip the images already in it")
+    p.add_argument("--on-bad", choices=["skip", "fail"], default="skip",
+                   help="an image that cannot be read or decoded: skip (default: one line, a record with an "
+                        "'error' field in --out, the run goes on, and the exit code is 2 at the end) or fail (stop "
+                        "at the first, before the model is built when its header is bad; so does a single image)")
+    p.add_argument("--retry-bad", action="store_true", help="with --resume: try again the images recorded as "
+                   "unreadable")
     p.add_argument("--coco-json", metavar="PREFIX", help="also write COCO results files PREFIX.bbox.json (and "
                    "PREFIX.segm.json) for evaluation; image ids from numeric file names or --ann")
     p.add_argument("--ann", metavar="FILE", help="with --coco-json: the COCO file whose image file names and "

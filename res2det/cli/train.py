@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 from pathlib import Path
+from typing import Iterator
 
 from ..errors import Res2DetError
 from ..images import pad_batch
@@ -37,6 +39,26 @@ def _run_name(config: str) -> str:
     return Path(config).stem if config.endswith(".py") else config
 
 
+@contextlib.contextmanager
+def new_run_folder(out_dir: str | Path, name: str, dist) -> Iterator[Path]:
+    """A new run folder ``out_dir/name[-k]`` (``new_run_dir``: made by rank 0, its path sent to every rank),
+    removed again, with the folders above it that it needed, when the work inside fails before writing into it
+    (a run that never started leaves nothing behind)."""
+    from ..engine.distributed import broadcast_object
+    from ..engine.trainer import new_run_dir
+
+    made = [p for p in (Path(out_dir), *Path(out_dir).parents) if not p.exists()]
+    run_dir = broadcast_object(new_run_dir(out_dir, name) if dist.is_main else None, dist)
+    try:
+        yield run_dir
+    except BaseException:
+        if dist.is_main:
+            for folder in (run_dir, *made):
+                with contextlib.suppress(OSError):  # only an empty folder is removed
+                    folder.rmdir()
+        raise
+
+
 def print_metrics(metrics: dict[str, float]) -> None:
     for kind, label in (("bbox", "box"), ("segm", "mask")):
         if f"{kind}_AP" in metrics:
@@ -45,8 +67,16 @@ def print_metrics(metrics: dict[str, float]) -> None:
 
 
 def cmd_train(args) -> None:
-    from ..engine.distributed import broadcast_object, init_distributed
-    from ..engine.trainer import Trainer, latest_run_dir, new_run_dir
+    from ..interrupt import stop_on_signals
+
+    with stop_on_signals():  # SIGTERM / SIGINT from here on: a checkpoint, one line, exit 128 + the signal number
+        _train(args)
+
+
+def _train(args) -> None:
+    from ..engine.distributed import init_distributed
+    from ..engine.trainer import Trainer, latest_run_dir
+    from ..interrupt import Interrupted
 
     cfg = _config(args)
     dist = init_distributed(cfg.device)
@@ -61,16 +91,21 @@ def cmd_train(args) -> None:
         else:
             target = Path(args.resume)
             run_dir, resume = (target, True) if target.is_dir() else (target.parent, target)
+    if resume is not None:
+        trainer = Trainer(cfg, run_dir, resume=resume, dist=dist)
     else:
-        run_dir = new_run_dir(cfg.out_dir, name) if dist.is_main else None
-        run_dir = broadcast_object(run_dir, dist)
-    trainer = Trainer(cfg, run_dir, resume=resume, dist=dist)
+        with new_run_folder(cfg.out_dir, name, dist) as run_dir:
+            trainer = Trainer(cfg, run_dir, dist=dist)
     if dist.is_main:
         for line in trainer.notes:  # classes transferred / new, layers rebuilt, branches left out
             print(line, flush=True)
         print(f"run folder: {run_dir}  ({trainer.iters_per_epoch} iterations/epoch x {cfg.recipe.epochs} epochs, "
               f"{dist.world_size} process(es) x batch {cfg.batch_size}, device {dist.device})", flush=True)
-    summary = trainer.fit()
+    try:
+        summary = trainer.fit()
+    except Interrupted as e:
+        raise Interrupted(e.signum, f"{e}; to continue, run the same command with --resume {run_dir}" if str(e)
+                          else "") from None
     if not dist.is_main:
         return
     from ..checkpoint import save_weights
@@ -108,7 +143,7 @@ def draw_samples(model, dataset, out_dir: Path, count: int, score_thr: float = 0
 
 def cmd_test(args) -> None:
     from ..engine.distributed import init_distributed
-    from ..engine.trainer import build_dataset, model_preprocess, new_run_dir
+    from ..engine.trainer import build_dataset, model_preprocess
     from ..evaluation import evaluate_model
     from ..checkpoint import read_weights
     from ..zoo import SOURCES, checkpoint_classes, create_model, get_spec
@@ -129,9 +164,9 @@ def cmd_test(args) -> None:
                          class_names=names).to(dist.device)
     if args.optimize:
         model = optimized(model.eval(), pad_batch([val[0]["image"]]).to(dist.device))
-    run_dir = new_run_dir(cfg.out_dir, f"{_run_name(args.config)}-test")
-    metrics = evaluate_model(model, val, batch_size=cfg.batch_size, device=dist.device, out_dir=run_dir,
-                             precision=args.precision, num_workers=cfg.data.num_workers)
+    with new_run_folder(cfg.out_dir, f"{_run_name(args.config)}-test", dist) as run_dir:
+        metrics = evaluate_model(model, val, batch_size=cfg.batch_size, device=dist.device, out_dir=run_dir,
+                                 precision=args.precision, num_workers=cfg.data.num_workers)
     if dist.is_main:
         print((run_dir / "coco_eval.txt").read_text())  # COCOeval's summary and the per-class AP tables
         print_metrics(metrics)

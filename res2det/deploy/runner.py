@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
@@ -126,12 +126,13 @@ class OnnxDetector:
         return [det for _, _, det in self.iter_predict(images, score_thr=score_thr)]
 
     def iter_predict(self, images: "ImageLike | Sequence[ImageLike]", *, score_thr: float | None = None,
-                     num_workers: int = 0) -> "Iterator[tuple[ImageLike, np.ndarray, Detections]]":
+                     num_workers: int = 0, on_bad: "Callable[[ImageLike, str], None] | None" = None
+                     ) -> "Iterator[tuple[ImageLike, np.ndarray, Detections]]":
         """``predict`` one image at a time, as ``TwoStageDetector.iter_predict``."""
         info = self.info
         return iter_predict(self.detect, images, preprocess=info.preprocess, class_names=self.class_names,
                             mask_thr=info.mask_thr, score_thr=score_thr, input_size=info.input_size,
-                            num_workers=num_workers)
+                            num_workers=num_workers, on_bad=on_bad)
 
 
 __all__ = ["OnnxDetector", "GraphInfo", "read_info", "METADATA_KEY", "GRAPH_FORMAT"]

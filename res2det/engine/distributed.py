@@ -55,6 +55,14 @@ def all_reduce_mean(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return values
 
 
+def all_reduce_max(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The element-wise maximum over the ranks (every rank gets it); ``values`` itself in a single process."""
+    if info.distributed:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values
+
+
 def any_rank(flag: bool, info: DistInfo) -> bool:
     """True when ``flag`` is true on any rank (every rank gets the same answer)."""
     if not info.distributed:

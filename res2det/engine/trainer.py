@@ -17,9 +17,11 @@ from torch import nn
 
 from ..checkpoint import append_text, atomic_write
 from ..errors import Res2DetError
+from ..interrupt import Interrupted, signal_name, stop_on_signals, stop_requested
 from .run_checkpoints import CheckpointManager, load_training_checkpoint, rng_state, set_rng_state
 from .train_config import TrainConfig, config_to_dict
-from .distributed import DistInfo, all_reduce_mean, any_rank, barrier, broadcast_object, init_distributed
+from .distributed import (DistInfo, all_reduce_max, all_reduce_mean, any_rank, barrier, broadcast_object,
+                          init_distributed)
 from .plot import plot_training
 from .schedule import build_optimizer, build_scheduler
 from ..models.losses import total_loss
@@ -145,13 +147,19 @@ def _memory_mb(device: torch.device) -> float:
 
 
 def new_run_dir(out_dir: str | Path, name: str) -> Path:
-    """``out_dir/name``, or ``name-2``, ``name-3``... so that an earlier run is never overwritten."""
+    """``out_dir/name``, or ``name-2``, ``name-3``... so that an earlier run is never overwritten: the folder is
+    created here, and taken only by the process whose ``mkdir`` made it (atomic on every file system), so runs
+    started at the same moment (a sweep, a job array) get a folder each."""
     base = Path(out_dir) / name
-    run, k = base, 1
-    while run.exists():
-        k += 1
-        run = base.with_name(f"{name}-{k}")
-    return run
+    base.parent.mkdir(parents=True, exist_ok=True)
+    k = 1
+    while True:
+        run = base if k == 1 else base.with_name(f"{name}-{k}")
+        try:
+            run.mkdir()
+            return run
+        except FileExistsError:
+            k += 1
 
 
 def latest_run_dir(out_dir: str | Path, name: str) -> Path | None:
@@ -288,7 +296,8 @@ class Trainer:
                        desc=f"train {cfg.model}")
         t0 = time.perf_counter()
         try:
-            metrics = self._train(log, bar, t0)
+            with stop_on_signals():  # SIGTERM / SIGINT: a checkpoint after the current iteration, then Interrupted
+                metrics = self._train(log, bar, t0)
         finally:  # an error (a bad image, a full disk) is then printed on a line of its own
             if bar is not None:
                 bar.close()
@@ -315,6 +324,7 @@ class Trainer:
             for images, targets, sizes, _ in self._batches(epoch, skip):
                 if self.iteration >= self.max_iters:
                     break
+                self._stop_if_signalled(log, window, names, epoch, t0, bar)
                 self._lr_used = self.optimizer.param_groups[0]["lr"]  # logged: the step changes it for the next
                 losses = self._step(images.to(dev, non_blocking=True),
                                     [{k: v.to(dev, non_blocking=True) for k, v in t.items()} for t in targets],
@@ -342,6 +352,21 @@ class Trainer:
                     metrics = self.evaluate(done_epochs, log, path)
                     self.model.train()
         return metrics
+
+    def _stop_if_signalled(self, log: Path, window: list[torch.Tensor], names: list[str], epoch: int, t0: float,
+                           bar) -> None:
+        """Between two iterations: if a stop signal reached any rank (``interrupt.stop_on_signals``), every rank
+        stops here, at the same iteration: the losses since the last log line are logged, rank 0 writes a
+        checkpoint, and ``Interrupted`` is raised. Resuming from that checkpoint continues exactly."""
+        signum = int(all_reduce_max(torch.tensor([stop_requested() or 0], device=self.dist.device), self.dist))
+        if not signum:
+            return
+        if window:
+            self._log(log, window, names, epoch, t0, bar)
+        path = self._save()
+        where = f"at iteration {self.iteration} of {self.max_iters}"
+        raise Interrupted(signum, f"{signal_name(signum)}: stopped {where}; checkpoint {path}" if self.dist.is_main
+                          else "")
 
     def _log_records_up_to_checkpoint(self, log: Path) -> list[dict]:
         """The log's records, without those written after the checkpoint this run continues from (a resumed run

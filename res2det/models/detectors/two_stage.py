@@ -1,7 +1,7 @@
 """Two-stage detectors: backbone -> FPN -> RPN proposals -> RoI head (Faster / Mask R-CNN, the cascades, HTC)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -139,10 +139,13 @@ class TwoStageDetector(nn.Module):
                                                        precision=precision)]
 
     def iter_predict(self, images: "ImageLike | Sequence[ImageLike]", *, score_thr: float | None = None,
-                     batch_size: int = 1, precision: str = "fp32", num_workers: int = 0
+                     batch_size: int = 1, precision: str = "fp32", num_workers: int = 0,
+                     on_bad: "Callable[[ImageLike, str], None] | None" = None
                      ) -> "Iterator[tuple[ImageLike, np.ndarray, Detections]]":
         """``predict`` one image at a time: ``(image, its HxWx3 uint8 pixels, Detections)``, decoding and
-        pre-processing in ``num_workers`` background processes while the model runs (for folders of images)."""
+        pre-processing in ``num_workers`` background processes while the model runs (for folders of images).
+        ``on_bad(image, message)`` gets each image that cannot be read, which is skipped (default: its error is
+        raised)."""
         from ...inference import autocast_dtype, iter_predict
 
         param = next(self.parameters())
@@ -159,7 +162,7 @@ class TwoStageDetector(nn.Module):
             yield from iter_predict(detect, images, preprocess=self.preprocess, class_names=self.class_names,
                                     mask_thr=self.roi_head.test_cfg.mask_thr_binary,
                                     mask_paste=self.roi_head.mask_paste, score_thr=score_thr,
-                                    batch_size=batch_size, num_workers=num_workers)
+                                    batch_size=batch_size, num_workers=num_workers, on_bad=on_bad)
         finally:
             self.train(was_training)
 
