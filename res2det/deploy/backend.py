@@ -22,7 +22,7 @@ from ..ops import box_iou
 from ..version import __version__
 from .graph import check_exportable
 from .onnx_export import export_onnx
-from .runner import GRAPH_FORMAT, GraphDetector, OnnxDetector, OpenVinoDetector
+from .runner import GRAPH_FORMAT, OPENVINO_PRECISIONS, GraphDetector, OnnxDetector, OpenVinoDetector
 
 # What a cached graph must reproduce of the PyTorch model on the check image: every detection scoring at least
 # CHECK_SCORE has a counterpart of the same class with box IoU >= CHECK_IOU and a score within CHECK_SCORE_TOL.
@@ -70,18 +70,23 @@ def require_runtime(runtime: str) -> None:
                            f"(pip install 'res2det[{extra}]')")
 
 
+def check_precision(runtime: str, precision: str) -> None:
+    if runtime == "onnxruntime" and precision != "fp32":
+        raise Res2DetError(f"ONNX Runtime runs the graph in fp32; --precision {precision} needs the PyTorch or "
+                           f"OpenVINO backend")
+    if runtime == "openvino" and precision not in OPENVINO_PRECISIONS:
+        raise Res2DetError(f"the OpenVINO backend runs in {' or '.join(OPENVINO_PRECISIONS)}, not {precision}")
+
+
 def open_graph(path: Path, runtime: str, *, precision: str = "fp32", threads: int | None = None,
                streams: int = 1) -> GraphDetector:
     """The ONNX file ``path`` in ``runtime`` ('onnxruntime', fp32 only; 'openvino', fp32 or bf16)."""
+    check_precision(runtime, precision)
     if runtime == "onnxruntime":
-        if precision != "fp32":
-            raise Res2DetError("ONNX Runtime runs the graph in fp32; --precision bf16 needs the PyTorch or OpenVINO "
-                               "backend")
         return OnnxDetector(path, threads=threads)
     if runtime == "openvino":
         return OpenVinoDetector(path, threads=threads, precision=precision, streams=streams)
-    require_runtime(runtime)
-    raise AssertionError(runtime)  # every runtime of RUNTIMES is handled above
+    raise Res2DetError(f"backend must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
 
 
 def graph_backend(model: TwoStageDetector, *, model_name: str, check_image: ImageLike,
@@ -100,6 +105,7 @@ def graph_backend(model: TwoStageDetector, *, model_name: str, check_image: Imag
     if path.is_file() and checked.is_file():
         return open_graph(path, runtime, precision=precision, threads=threads, streams=streams)
     require_runtime(runtime)  # before an export of minutes
+    check_precision(runtime, precision)
     if not path.is_file():
         folder.mkdir(parents=True, exist_ok=True)
         export_onnx(model.eval(), path, model_name=model_name)
@@ -110,8 +116,8 @@ def graph_backend(model: TwoStageDetector, *, model_name: str, check_image: Imag
         path.unlink(missing_ok=True)
         for marker in folder.glob(f"{path.stem}.*checked"):
             marker.unlink(missing_ok=True)
-        raise Res2DetError(f"the exported ONNX graph of {model_name} disagrees with PyTorch in {runtime} on "
-                           f"{check_image} ({problem}); run with the PyTorch backend")
+        raise Res2DetError(f"the exported ONNX graph of {model_name} disagrees with PyTorch on {check_image} "
+                           f"in {runtime} ({problem}); run with the PyTorch backend")
     atomic_write(checked, lambda tmp: Path(tmp).write_text(f"{len(ref)} detections agree\n"))
     if precision == "fp32" and streams == 1:
         return detector

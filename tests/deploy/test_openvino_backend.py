@@ -25,8 +25,16 @@ def tiny(tiny_seeded):
     return tiny_seeded
 
 
+@pytest.fixture(scope="module")
+def graph_root(tmp_path_factory):
+    """One cache folder for the module: the graph is exported once, by the first test that needs it."""
+    return tmp_path_factory.mktemp("openvino_graphs")
+
+
+@pytest.mark.slow
 @needs_openvino
-def test_openvino_exported_once_checked_and_reused(tiny, tmp_path, monkeypatch):
+def test_openvino_exported_once_checked_and_reused(tiny, graph_root, monkeypatch):
+    tmp_path = graph_root
     import res2det.deploy.backend as backend
     from res2det.deploy import OpenVinoDetector, openvino_backend
     from test_onnx import OTHER_PHOTO, match_detections
@@ -48,8 +56,10 @@ def test_openvino_exported_once_checked_and_reused(tiny, tmp_path, monkeypatch):
         match_detections(r, got, max_per_img=tiny.roi_head.test_cfg.max_per_img)
 
 
+@pytest.mark.slow
 @needs_openvino
-def test_openvino_bf16_hint_only_where_native(tiny, tmp_path, monkeypatch):
+def test_openvino_bf16_hint_only_where_native(tiny, graph_root, monkeypatch):
+    tmp_path = graph_root
     from res2det.deploy import openvino_backend
 
     monkeypatch.setattr(inference, "_cpu_flags", lambda: frozenset({"avx2"}))
