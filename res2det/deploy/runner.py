@@ -183,12 +183,13 @@ class OpenVinoDetector(GraphDetector):
         core = ov.Core()
         try:
             model = core.read_model(str(path))
-            props = model.get_rt_info()["framework"]
-            meta = {METADATA_KEY: model.get_rt_info(["framework", METADATA_KEY]).astype(str)} \
-                if METADATA_KEY in props else {}
         except Exception as e:  # OpenVINO's own exception types (bad protobuf, unknown op, ...)
             raise Res2DetError(f"{path}: not an ONNX file OpenVINO can read ({type(e).__name__}: "
                                f"{_first_line(e)})") from None
+        # OpenVINO keeps an ONNX file's metadata properties under rt_info['framework']
+        meta = {}
+        if model.has_rt_info(["framework", METADATA_KEY]):
+            meta[METADATA_KEY] = model.get_rt_info(["framework", METADATA_KEY]).astype(str)
         self._set_info(read_info(meta, path), path)
         config = {"INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[precision], "NUM_STREAMS": int(streams),
                   "PERFORMANCE_HINT": "LATENCY" if streams == 1 else "THROUGHPUT"}

@@ -113,3 +113,25 @@ def test_cli_fast_says_which_path_and_skips_one_that_lost_ap(tiny, tmp_path, cap
     assert json.loads(out.read_text())[0]["detections"]
     assert main(args + ["--precision", "bf16"]) == 2
     assert "--fast chooses the backend and precision itself" in one_error_line(capsys)
+
+
+@needs_openvino
+def test_openvino_refuses_a_bad_or_foreign_file_in_one_line(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    from res2det.deploy import OpenVinoDetector
+
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not a graph")
+    with pytest.raises(Res2DetError, match=f"{garbage}: not an ONNX file OpenVINO can read"):
+        OpenVinoDetector(garbage)
+    foreign = tmp_path / "foreign.onnx"
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    onnx.save(helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y]),
+                                opset_imports=[helper.make_opsetid("", 17)]), foreign)
+    with pytest.raises(Res2DetError, match="not an ONNX file written by `res2det export`"):
+        OpenVinoDetector(foreign)
+    with pytest.raises(Res2DetError, match="ONNX file not found"):
+        OpenVinoDetector(tmp_path / "missing.onnx")
