@@ -135,3 +135,16 @@ def test_openvino_refuses_a_bad_or_foreign_file_in_one_line(tmp_path):
         OpenVinoDetector(foreign)
     with pytest.raises(Res2DetError, match="ONNX file not found"):
         OpenVinoDetector(tmp_path / "missing.onnx")
+
+
+def test_fast_takes_the_bf16_weights_when_openvino_is_missing(tiny, monkeypatch):
+    def missing(runtime):
+        raise Res2DetError(f"--backend {runtime} needs {runtime}, which is not installed")
+
+    monkeypatch.setattr(inference, "_cpu_flags", lambda: frozenset({"amx_bf16"}))
+    monkeypatch.setattr(fast, "candidates", lambda: ["openvino bf16", "torch bf16", "torch fp32 optimised"])
+    monkeypatch.setattr(fast, "require_runtime", missing)
+    chosen, why = fast.fastest_path(tiny, model_name=TINY, example=str(PHOTO))
+    assert chosen.inference_precision == "bf16"
+    assert why.startswith("torch bf16 (fastest installed path within 0.01 AP of fp32 on ")
+    assert why.endswith("skipped openvino bf16: --backend openvino needs openvino, which is not installed")
