@@ -73,6 +73,7 @@ def test_cli_precision_fallback_is_one_warning_line(tiny, tmp_path, capsys, monk
     assert not any("PrecisionFallback" in line or ".py:" in line for line in err)
 
 
+@pytest.mark.slow
 def test_cli_bf16_runs_the_converted_weights_where_native(tiny, tmp_path, monkeypatch):
     """Where the CPU has bf16, ``--precision bf16`` converts the weights once (``optimize_for_inference``)."""
     import res2det.optimize as optimize

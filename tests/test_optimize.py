@@ -216,6 +216,7 @@ def native_bf16(monkeypatch):
     monkeypatch.setattr(inference, "_cpu_flags", lambda: frozenset({"avx512_bf16"}))
 
 
+@pytest.mark.slow
 def test_bf16_form_converts_weights_once_and_keeps_sensitive_steps_fp32(tiny_seeded, native_bf16):
     from conftest import PHOTO
     from res2det.ops import box_iou

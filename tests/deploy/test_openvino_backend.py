@@ -137,6 +137,7 @@ def test_openvino_refuses_a_bad_or_foreign_file_in_one_line(tmp_path):
         OpenVinoDetector(tmp_path / "missing.onnx")
 
 
+@pytest.mark.slow
 def test_fast_takes_the_bf16_weights_when_openvino_is_missing(tiny, monkeypatch):
     def missing(runtime):
         raise Res2DetError(f"--backend {runtime} needs {runtime}, which is not installed")
