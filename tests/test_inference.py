@@ -79,10 +79,15 @@ def test_cli_bf16_runs_the_converted_weights_where_native(tiny, tmp_path, monkey
     import res2det.optimize as optimize
 
     monkeypatch.setattr(inference, "_cpu_flags", lambda: frozenset({"amx_bf16"}))
-    forms = []
-    real = optimize.optimize_for_inference
-    monkeypatch.setattr(optimize, "optimize_for_inference",
-                        lambda *a, **k: forms.append(real(*a, **k)) or forms[-1])
+    forms, real = [], optimize.optimize_for_inference
+
+    def spy(*args, **kwargs):
+        form = real(*args, **kwargs)
+        if kwargs.get("precision") == "bf16":
+            forms.append(form)
+        return form
+
+    monkeypatch.setattr(optimize, "optimize_for_inference", spy)
     weights, out = tmp_path / "tiny.safetensors", tmp_path / "out.json"
     save_weights(tiny, weights, model_name=TINY)
     with warnings.catch_warnings():
