@@ -6,22 +6,31 @@
 Paths (each the whole ``predict`` of the same image, with the seed-0 reference weights of ../shared when present):
 
 * ``fp32 eager``: ``model.predict(photo)``, the exact path and the default;
-* ``fp32 optimised``: ``optimize_for_inference(model, photo)`` (BN folded, ReLU fused, grouped stage-block convs,
+* ``torch fp32 optimised``: ``optimize_for_inference(model, photo)`` (BN folded, ReLU fused, grouped stage-block convs,
   each conv bound to its fastest kernel and layout by the kernel plan measured once per machine and input shape
   and cached: what ``infer --optimize`` runs), then its ``predict``; the plan's measuring time is reported;
 * ``bf16 autocast``: ``predict`` with the layers under ``torch.autocast(bfloat16)`` (what ``precision='bf16'``
   runs where the CPU has avx512_bf16 / amx_bf16; on a CPU without them only with ``--emulated``);
-* ``onnxruntime fp32``: ``res2det.deploy.onnx_backend`` (the model's own graph in ONNX Runtime, same threads).
+* ``torch bf16``: ``optimize_for_inference(model, photo, precision='bf16')`` (BN folded, conv / fc weights converted
+  to bf16 once, channels-last: what ``precision='bf16'`` / ``infer --precision bf16`` run where the CPU has native
+  bf16; on a CPU without it only with ``--emulated``);
+* ``onnxruntime fp32``: ``res2det.deploy.onnx_backend`` (the model's own graph in ONNX Runtime, same threads);
+* ``openvino fp32`` / ``openvino bf16``: ``res2det.deploy.openvino_backend`` (the same graph in OpenVINO, same
+  threads; bf16 only where native); ``openvino fp32 x2 streams``: two copies of the photo handed to two
+  OpenVINO streams at once (``infer --backend openvino --streams 2 --batch-size 2``), seconds per image.
+
+The heading names the CPU (model, family) and its speed-relevant flags (avx2 ... amx_bf16).
 
 Timing: one warm-up call per path, then ``--rounds`` interleaved rounds (every path once per round); the median
 per path and its ratio to fp32 eager. Agreement with fp32 eager: the share of its detections scoring >= 0.3
 found again (same label, box IoU >= 0.5), and the largest score difference among those. ``--readme`` rewrites
-the ``<!-- inference-table:start/end -->`` block of that file with the table (it lives in docs/inference.md).
+the ``<!-- inference-table:start/end -->`` block of that file (docs/fast-inference.md) with the table.
 """
 from __future__ import annotations
 
 import argparse
-import platform
+import contextlib
+import importlib.util
 import statistics
 import sys
 import tempfile
@@ -38,6 +47,7 @@ from res2det import inference  # noqa: E402
 from res2det.cli.benchmark import rewrite_block  # noqa: E402
 from res2det.errors import Res2DetError  # noqa: E402
 from res2det.ops import box_iou  # noqa: E402
+from res2det.machine import cpu_description, cpu_name  # noqa: E402
 from res2det.optimize import optimize_for_inference  # noqa: E402
 
 from backbone import write_json  # noqa: E402
@@ -48,16 +58,47 @@ MODELS = ["faster_rcnn_r2_101_fpn_2x_coco", "mask_rcnn_r2_101_fpn_2x_coco", "htc
 PHOTO = SHARED / "data" / "tiny_coco" / "val2017" / "000000006818.jpg"  # 427x640 -> 800x1199
 
 
-def cpu_name() -> str:
-    """CPU model and family, as the figures depend on them."""
-    info = {}
+@contextlib.contextmanager
+def forced_bf16(force: bool):
+    """Within: ``precision='bf16'`` runs even on a CPU without native bf16 (oneDNN emulates it), to time or
+    score it there."""
+    real = inference._cpu_flags
+    if force:
+        inference._cpu_flags = lambda: real() | {"avx512_bf16"}
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            info.setdefault(key.strip(), value.strip())
-    except OSError:
-        return platform.processor() or platform.machine()
-    return f"{info.get('model name', '?')} (family {info.get('cpu family', '?')})"
+        yield
+    finally:
+        inference._cpu_flags = real
+
+
+def graph_paths(model, name: str, photo: str, cache: str, *, native_bf16: bool) -> tuple[dict, float | None]:
+    """The installed graph runtimes' paths (``name -> predict function``) and the export + check seconds."""
+    from res2det.deploy import graph_backend
+
+    paths, export_s = {}, None
+    for runtime in ("onnxruntime", "openvino"):
+        if importlib.util.find_spec(runtime) is None:
+            print(f"{name}: {runtime} not installed, its paths skipped", file=sys.stderr)
+            continue
+        try:
+            start = time.perf_counter()
+            det = graph_backend(model, model_name=name, check_image=photo, runtime=runtime, root=cache,
+                                threads=torch.get_num_threads())
+            export_s = export_s or time.perf_counter() - start
+        except Res2DetError as e:
+            print(f"{name}: {runtime} paths skipped: {e}", file=sys.stderr)
+            continue
+        paths[f"{runtime} fp32"] = lambda p, d=det: d.predict(p)
+        if runtime == "openvino":
+            if native_bf16:
+                bf16 = graph_backend(model, model_name=name, check_image=photo, runtime=runtime, root=cache,
+                                     threads=torch.get_num_threads(), precision="bf16")
+                paths["openvino bf16"] = lambda p, d=bf16: d.predict(p)
+            two = graph_backend(model, model_name=name, check_image=photo, runtime=runtime, root=cache,
+                                threads=torch.get_num_threads(), streams=2)
+            paths["openvino fp32 x2 streams"] = lambda p, d=two: [
+                det for _, _, det in d.iter_predict([p, p], batch_size=2)]
+    return paths, export_s
 
 
 def bf16_predict(model):
@@ -108,37 +149,32 @@ def main(argv=None) -> dict:
                      else build_model(name, full_load=False)).eval()  # random: finite eval-mode activations
             optimised = optimize_for_inference(model, photo)
             plan_s = None if optimised.kernel_plan["cached"] else optimised.kernel_plan["selection_s"]
-            paths = {"fp32 eager": lambda p, m=model: m.predict(p), "fp32 optimised": lambda p: optimised.predict(p)}
+            paths = {"fp32 eager": lambda p, m=model: m.predict(p),
+                     "torch fp32 optimised": lambda p: optimised.predict(p)}
             if native_bf16 or args.emulated:
                 paths[f"bf16 autocast{'' if native_bf16 else ' (emulated)'}"] = bf16_predict(model)
-            try:
-                start = time.perf_counter()
-                from res2det.deploy import onnx_backend
-
-                ort = onnx_backend(model, model_name=name, check_image=photo,
-                                                  threads=torch.get_num_threads(), root=cache)
-                export_s = time.perf_counter() - start
-                paths["onnxruntime fp32"] = lambda p, d=ort: d.predict(p)
-            except (ImportError, Res2DetError) as e:
-                print(f"{name}: onnxruntime path skipped: {e}", file=sys.stderr)
-                export_s = None
+                with forced_bf16(not native_bf16):
+                    bf16_model = optimize_for_inference(model, photo, precision="bf16")
+                paths[f"torch bf16{'' if native_bf16 else ' (emulated)'}"] = lambda p: bf16_model.predict(p)
+            more, export_s = graph_paths(model, name, photo, cache, native_bf16=native_bf16)
+            paths.update(more)
             outputs = {k: fn(photo)[0] for k, fn in paths.items()}  # warm-up, and the detections compared
             times = {k: [] for k in paths}
             for _ in range(args.rounds):
                 for k, fn in paths.items():
                     start = time.perf_counter()
-                    fn(photo)
-                    times[k].append(time.perf_counter() - start)
+                    images = len(fn(photo))
+                    times[k].append((time.perf_counter() - start) / images)
             base = statistics.median(times["fp32 eager"])
             for k in paths:
                 s = statistics.median(times[k])
                 rows.append(dict(model=name, path=k, seconds=s, speedup=base / s,
                                  **agreement(outputs["fp32 eager"], outputs[k]),
-                                 export_and_check_s=export_s if k.startswith("onnx") else None,
-                                 kernel_plan_s=plan_s if k == "fp32 optimised" else None,
+                                 export_and_check_s=export_s if k.startswith(("onnx", "openvino")) else None,
+                                 kernel_plan_s=plan_s if k == "torch fp32 optimised" else None,
                                  weights="seeded reference" if weights else "random"))
     header = f"{'model':32s} {'path':28s} {'seconds':>8s} {'vs eager':>8s}  agreement with fp32 eager"
-    print(f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}; {args.photo.name}"
+    print(f"{cpu_description()}, {torch.get_num_threads()} threads, torch {torch.__version__}; {args.photo.name}"
           + ("" if native_bf16 or args.emulated else "; no native bf16 here: bf16 not timed (--emulated)"))
     print(header)
     print("-" * len(header))
@@ -147,7 +183,7 @@ def main(argv=None) -> dict:
             f"{r['found'] * 100:.0f}% of {r['reference_detections']} found, max score diff {r['max_score_diff']:.1e}"
         print(f"{r['model']:32s} {r['path']:28s} {r['seconds']:8.2f} {r['speedup']:7.2f}x  {agree}; "
               f"once: {one_time(r)}")
-    result = dict(rows=rows, cpu=cpu_name(), threads=torch.get_num_threads(), torch=torch.__version__,
+    result = dict(rows=rows, cpu=cpu_name(), cpu_flags=cpu_description().split("; flags ")[1], threads=torch.get_num_threads(), torch=torch.__version__,
                   rounds=args.rounds, photo=args.photo.name, native_bf16=native_bf16)
     write_json(args.json, result)
     if args.readme:
@@ -158,16 +194,16 @@ def main(argv=None) -> dict:
 def one_time(row: dict) -> str:
     """What a path costs once per machine and model before its first image: measuring the kernel plan, or
     exporting and checking the ONNX graph."""
-    if row["path"] == "fp32 optimised":
+    if row["path"] == "torch fp32 optimised":
         return "plan cached" if row["kernel_plan_s"] is None else f"kernel plan {row['kernel_plan_s']:.0f} s"
     return "-" if row.get("export_and_check_s") is None else f"export + check {row['export_and_check_s']:.0f} s"
 
 
 def markdown(result: dict) -> str:
-    lines = [f"{result['cpu']}, {result['threads']} threads, torch {result['torch']}; full `predict` of "
+    lines = [f"{result['cpu']} (flags {result.get('cpu_flags', '?')}), {result['threads']} threads, torch {result['torch']}; full `predict` of "
              f"{result['photo']} (800x1199 input), median of {result['rounds']} interleaved rounds"
              + ("" if result["native_bf16"] else "; this CPU has no native bf16, so bf16 is not timed") + ":", "",
-             "| model | path | seconds | vs fp32 eager | fp32 eager detections (>= 0.3) found | once per machine |",
+             "| model | path | s / image | vs fp32 eager | fp32 eager detections (>= 0.3) found | once per machine |",
              "| --- | --- | --- | --- | --- | --- |"]
     for r in result["rows"]:
         found = "-" if r["found"] is None else f"{r['found'] * 100:.0f}% of {r['reference_detections']}"

@@ -10,7 +10,6 @@ serves ``TwoStageDetector.predict`` (its ``detect``), the ONNX Runtime runner (a
 """
 from __future__ import annotations
 
-import functools
 import warnings
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -22,6 +21,7 @@ from torch.utils.data import Dataset
 from .errors import Res2DetError, Res2DetWarning
 from .images import ImageLike, detection_input, image_list, pad_batch, to_rgb_uint8
 from .loading import Loader
+from .machine import NATIVE_CPU_FLAGS, cpu_flags as _cpu_flags  # (tests replace _cpu_flags here)
 from .models.heads.box_coder import clip_boxes
 from .models.heads.mask_head import paste_mask_crops
 from .models.heads.paddle_static_conventions import static_paste_masks
@@ -29,20 +29,11 @@ from .structures import Detections, InstanceMasks, Preprocess
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # CPU instructions that run each reduced precision natively (without them oneDNN emulates it, slower than fp32)
-_CPU_FLAGS = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
+_CPU_FLAGS = {torch.bfloat16: NATIVE_CPU_FLAGS["bf16"], torch.float16: NATIVE_CPU_FLAGS["fp16"]}
 
 
 class PrecisionFallback(Res2DetWarning):
     """A reduced precision was asked for where the device cannot run it natively; fp32 runs instead."""
-
-
-@functools.lru_cache(maxsize=None)
-def _cpu_flags() -> frozenset[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
-    except OSError:
-        return frozenset()
 
 
 def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | None:

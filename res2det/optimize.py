@@ -24,6 +24,9 @@ import torch
 from torch import nn
 
 from .checkpoint import atomic_write, cache_dir
+from .errors import Res2DetError
+from .inference import autocast_dtype
+from .machine import device_name, speed_flags
 from .images import ImageLike, detection_input, pad_batch, to_rgb_uint8
 from .models.backbones import ResNet
 from .models.backbones.fuse import CL, FusedConv2d, _layout, fuse_backbone
@@ -183,12 +186,7 @@ def _fuse_head_convs(module: nn.Module) -> None:
 def _machine(device: torch.device) -> dict:
     """What kernel timings depend on, besides the layer: the CPU, its vector instructions, torch, threads (and
     the GPU, for a model on one)."""
-    from .inference import _cpu_flags
-    from .profiling import device_name
-
-    flags = sorted(_cpu_flags() & {"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16",
-                                   "amx_tile", "amx_bf16", "amx_fp16"})
-    return dict(cpu=device_name("cpu"), flags=flags, torch=torch.__version__, threads=torch.get_num_threads(),
+    return dict(cpu=device_name("cpu"), flags=speed_flags(), torch=torch.__version__, threads=torch.get_num_threads(),
                 mkldnn=torch.backends.mkldnn.is_available(),
                 device=device_name("cuda") if device.type == "cuda" else device.type)
 
@@ -260,9 +258,30 @@ def _select(optimised: nn.Module, example: torch.Tensor) -> None:
     select_kernels(optimised, example, within=heads, memo=memo)
 
 
+def _bf16_form(optimised: nn.Module) -> nn.Module:
+    """The inference form of a detector with every conv and fc weight in bf16, converted once, and the backbone
+    channels-last from the stem on (oneDNN's bf16 convolutions work on channels-last / blocked data: an NCHW
+    input is reordered around every conv). ``predict`` runs it under bf16 autocast: activations stay bf16
+    between layers (nothing left to convert but the image and the RoI features), while what autocast and the
+    heads keep in fp32 stays so: head outputs (``ops.at_least_fp32``: scores, box decoding, NMS), RoIAlign
+    sampling, mask pasting."""
+    for module in optimised.modules():
+        if isinstance(module, (FusedConv2d, nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            module.to(torch.bfloat16)
+    backbone = _backbone(optimised)
+    stem = backbone.conv1
+    backbone.conv1 = nn.Sequential(ToLayout(CL), *(stem if isinstance(stem, nn.Sequential) else [stem]))
+    for stage in _layout_stages(backbone):
+        stage[0].layout = CL
+    backbone.stage_layouts = [_LAYOUT_NAMES[CL]] * len(backbone.stages())
+    optimised.inference_precision = "bf16"
+    optimised.kernel_plan = None
+    return optimised
+
+
 @torch.inference_mode()
-def optimize_for_inference(model: nn.Module, example: torch.Tensor | ImageLike, *, select: bool = True,
-                           cache: bool = True) -> nn.Module:
+def optimize_for_inference(model: nn.Module, example: torch.Tensor | ImageLike, *, precision: str = "fp32",
+                           select: bool = True, cache: bool = True) -> nn.Module:
     """An optimised, eval-only equivalent of ``model`` for inputs shaped like ``example``.
 
     ``model`` is a ResNet/Res2Net (classifier or backbone) or a detector with a ``backbone`` attribute (its
@@ -271,7 +290,20 @@ def optimize_for_inference(model: nn.Module, example: torch.Tensor | ImageLike, 
     folder per machine, model layout and input shape (``plan_file``), so only the first call measures; the
     plan used is ``optimised.kernel_plan`` (with ``cached``, ``file`` and, when measured, ``selection_s``).
     For a detector ``example`` may also be an image (file, PIL image, array), pre-processed as ``predict``
-    does."""
+    does.
+
+    ``precision='bf16'`` (detectors): the inference form with its conv and fc weights converted to bf16 once
+    (``_bf16_form``; no kernel selection, which measures fp32 kernels); its ``predict`` runs in bf16 (the
+    model's ``inference_precision``). Where the device has no native bf16 (``inference.autocast_dtype``) this
+    warns once with ``PrecisionFallback`` and returns the fp32 form instead, as ``predict(precision='bf16')``
+    falls back."""
+    if precision not in ("fp32", "bf16"):
+        raise Res2DetError(f"optimize_for_inference: precision must be fp32 or bf16, got {precision!r}")
+    if precision != "fp32":
+        if not isinstance(getattr(model, "backbone", None), ResNet):
+            raise Res2DetError(f"the bf16 inference form is for detectors, not {type(model).__name__}")
+        if autocast_dtype(precision, next(model.parameters()).device) is not None:
+            return _bf16_form(optimize_for_inference(model, example, select=False))
     if not isinstance(example, torch.Tensor):
         if not hasattr(model, "preprocess"):
             raise TypeError("optimize_for_inference: an image example needs a detector; give a tensor")

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from .checkpoint import atomic_write, cache_dir
 from .errors import Res2DetError
 from .inference import PRECISIONS, autocast_dtype
+from .machine import device_name
 from .models.losses import total_loss
 from .models.weight_init import pytorch_default_
 from .version import __version__
@@ -329,18 +330,6 @@ def measure_training(name: str, *, device: str = "cpu", size: tuple[int, int] | 
                   optimizer=f"SGD lr {lr:g} momentum 0.9 wd 1e-4", warmup=warmup, repeats=repeats,
                   losses={k: float(v) for k, v in last.items()})
     return result
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def check_device(device: str) -> None:

@@ -69,8 +69,34 @@ def test_cli_precision_fallback_is_one_warning_line(tiny, tmp_path, capsys, monk
     save_weights(tiny, weights, model_name=TINY)
     assert main(["infer", "--model", TINY, "--weights", str(weights), "--precision", "bf16", str(PHOTO)]) == 0
     err = capsys.readouterr().err.strip().splitlines()
-    assert any(line.startswith("res2det: warning: this CPU has no native bf16") for line in err), err
+    assert sum(line.startswith("res2det: warning: this CPU has no native bf16") for line in err) == 1, err
     assert not any("PrecisionFallback" in line or ".py:" in line for line in err)
+
+
+@pytest.mark.slow
+def test_cli_bf16_runs_the_converted_weights_where_native(tiny, tmp_path, monkeypatch):
+    """Where the CPU has bf16, ``--precision bf16`` converts the weights once (``optimize_for_inference``)."""
+    import res2det.optimize as optimize
+
+    monkeypatch.setattr(inference, "_cpu_flags", lambda: frozenset({"amx_bf16"}))
+    forms, real = [], optimize.optimize_for_inference
+
+    def spy(*args, **kwargs):
+        form = real(*args, **kwargs)
+        if kwargs.get("precision") == "bf16":
+            forms.append(form)
+        return form
+
+    monkeypatch.setattr(optimize, "optimize_for_inference", spy)
+    weights, out = tmp_path / "tiny.safetensors", tmp_path / "out.json"
+    save_weights(tiny, weights, model_name=TINY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PrecisionFallback)
+        assert main(["infer", "--model", TINY, "--weights", str(weights), "--precision", "bf16", str(PHOTO),
+                     "--out", str(out)]) == 0
+    assert len(forms) == 1 and forms[0].inference_precision == "bf16"
+    (record,) = json.loads(out.read_text())
+    assert len(record["detections"]) > 20
 
 
 # --------------------------------------------------------------------------------------- background decoding

@@ -9,12 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "res2det"
 
 # (layer, first component of the module path below ``res2det``)
 LAYERS = [
-    # plain types, images, config edits, loader, graceful stop on signals
-    {"errors", "version", "structures", "images", "overrides", "loading", "interrupt"},
+    # plain types, images, config edits, loader, graceful stop on signals, what the machine is
+    {"errors", "version", "structures", "images", "overrides", "loading", "interrupt", "machine"},
     {"ops"},  # detection ops (RoIAlign, NMS, deformable conv, Winograd), pure PyTorch
     {"models", "inference"},  # nn.Modules built from typed configs; the inference path their predict runs
     {"checkpoint", "pdparams", "fluid"},  # reading and writing weight files
@@ -72,6 +74,43 @@ def test_no_import_reaches_a_higher_layer():
                 violations.append(f"{path.relative_to(PACKAGE.parent)}:{line} ({own}, layer {LAYER_OF[own]}) imports "
                                   f"{target} (layer {LAYER_OF[dep]})")
     assert not violations, "imports from a higher layer:\n" + "\n".join(violations)
+
+
+def _module_file(module: str) -> Path | None:
+    """The file of ``res2det.a.b``: ``a/b.py`` or ``a/b/__init__.py``; None for a name inside a module."""
+    rel = PACKAGE.joinpath(*module.split(".")[1:])
+    for path in (rel.with_suffix(".py"), rel / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def test_no_two_modules_import_each_other():
+    """A pair of modules importing each other (lazily or not) is a circle: what both need goes below them."""
+    graph = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        targets = set()
+        for _, target in _imports(path):
+            # ``from .pkg import name``: the name may be a module of that package, or a name in it
+            found = _module_file(target) or _module_file(target.rsplit(".", 1)[0])
+            if found is not None and found != path:
+                targets.add(found)
+        graph[path] = targets
+    circles = sorted({tuple(sorted((str(a.relative_to(PACKAGE.parent)), str(b.relative_to(PACKAGE.parent)))))
+                      for a, targets in graph.items() for b in targets if a in graph.get(b, ())})
+    assert not circles, "modules importing each other: " + "; ".join(" <-> ".join(c) for c in circles)
+
+
+def test_the_circle_check_sees_a_lazy_circle():
+    first, second = PACKAGE / "ops" / "_circle_probe_a.py", PACKAGE / "ops" / "_circle_probe_b.py"
+    first.write_text("from . import _circle_probe_b\n")
+    second.write_text("def f():\n    from ._circle_probe_a import f\n")
+    try:
+        with pytest.raises(AssertionError, match="_circle_probe_a.py <-> res2det/ops/_circle_probe_b.py"):
+            test_no_two_modules_import_each_other()
+    finally:
+        first.unlink()
+        second.unlink()
 
 
 def test_the_walk_sees_relative_and_lazy_imports():

@@ -196,3 +196,60 @@ def test_split_of_a_channels_last_tensor_counts_as_channels_last():
     assert _layout(x.contiguous()) == torch.contiguous_format
     assert _layout(x.contiguous()[:, 26:52]) == torch.contiguous_format
     assert _layout(torch.randn(8, 256, 1, 1)) == torch.contiguous_format  # ambiguous: left as it is
+
+
+# --------------------------------------------------------------------------------------------- bf16 form
+def _conversions(run) -> int:
+    """How many dtype conversions (``aten::_to_copy``) one call of ``run`` makes."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        run()
+    return sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy")
+
+
+@pytest.fixture()
+def native_bf16(monkeypatch):
+    """Claim native bf16 (oneDNN emulates it on a CPU without: slower, same arithmetic)."""
+    import res2det.inference as inference
+
+    monkeypatch.setattr(inference, "_cpu_flags", lambda: frozenset({"avx512_bf16"}))
+
+
+@pytest.mark.slow
+def test_bf16_form_converts_weights_once_and_keeps_sensitive_steps_fp32(tiny_seeded, native_bf16):
+    from conftest import PHOTO
+    from res2det.ops import box_iou
+
+    form = optimize_for_inference(tiny_seeded, str(PHOTO), precision="bf16")
+    assert form.inference_precision == "bf16" and next(tiny_seeded.parameters()).dtype == torch.float32
+    convs = [m for m in form.modules() if isinstance(m, (FusedConv2d, torch.nn.Conv2d, torch.nn.Linear))]
+    assert convs and all(m.weight.dtype == torch.bfloat16 for m in convs)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in form.backbone.modules())  # folded first
+    (ref,) = tiny_seeded.predict(str(PHOTO))
+    (got,) = form.predict(str(PHOTO))
+    assert got.boxes.dtype == got.scores.dtype == torch.float32 and got.masks is not None
+    keep = ref.scores >= 0.3
+    assert int(keep.sum()) > 20
+    hit = (box_iou(ref.boxes, got.boxes) >= 0.5) & (ref.labels[:, None] == got.labels[None])
+    assert float(hit[keep].any(1).float().mean()) >= 0.85  # as bf16 autocast (tests/test_inference.py)
+    # what autocast converts on every call (weights, activations around each layer) is gone
+    fp32 = _conversions(lambda: tiny_seeded.predict(str(PHOTO)))
+    autocast = _conversions(lambda: tiny_seeded.predict(str(PHOTO), precision="bf16"))
+    form_calls = _conversions(lambda: form.predict(str(PHOTO)))
+    assert autocast - fp32 > 50 and form_calls - fp32 < (autocast - fp32) / 3, (fp32, autocast, form_calls)
+    with pytest.raises(res2det.errors.Res2DetError, match="converted to bf16"):
+        form.predict(str(PHOTO), precision="fp32")
+
+
+def test_bf16_form_falls_back_to_fp32_with_one_warning(tiny_seeded, monkeypatch):
+    import res2det.inference as inference
+    from conftest import PHOTO
+
+    monkeypatch.setattr(inference, "_cpu_flags", lambda: frozenset({"avx2"}))
+    with pytest.warns(inference.PrecisionFallback, match="no native bf16"):
+        form = optimize_for_inference(tiny_seeded, str(PHOTO), precision="bf16", select=False)
+    assert getattr(form, "inference_precision", "fp32") == "fp32"
+    assert all(p.dtype == torch.float32 for p in form.parameters())
+    with pytest.raises(res2det.errors.Res2DetError, match="precision must be fp32 or bf16"):
+        optimize_for_inference(tiny_seeded, str(PHOTO), precision="fp16")

@@ -104,3 +104,28 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
         print("res2det: SIGINT: stopped", file=sys.stderr)
         return 130
     return 0
+
+
+FAST_HELP = ("the fastest path installed here whose AP on the main-job model stays within 0.01 of fp32 "
+             "(res2det.deploy.fast: OpenVINO bf16 or the bf16 weights where the CPU has native bf16, else OpenVINO "
+             "fp32, ONNX Runtime, the --optimize path); says which it chose")
+
+
+def bf16_form(model, example):
+    """``--precision bf16``: the detector with its weights converted to bf16 once (BN folded) where the CPU has
+    native bf16; else, after one warning line, the model as it is (fp32)."""
+    from ..inference import autocast_dtype
+    from ..optimize import optimize_for_inference
+
+    if autocast_dtype("bf16", next(model.parameters()).device) is None:
+        return model
+    return optimize_for_inference(model, example, precision="bf16")
+
+
+def fastest_path(model, *, model_name: str, example):
+    """``--fast``: ``res2det.deploy.fast.fastest_path``, saying which path it chose."""
+    from ..deploy.fast import fastest_path as choose
+
+    chosen, why = choose(model, model_name=model_name, example=example)
+    print(f"--fast: {why}")
+    return chosen

@@ -14,7 +14,7 @@ from ..version import __version__
 from ..checkpoint import append_text, atomic_write
 from ..errors import Res2DetError
 from ..interrupt import Interrupted, signal_name, stop_on_signals, stop_requested
-from .common import OPTIMIZE_HELP, check_output, optimized, run, text_table
+from .common import FAST_HELP, OPTIMIZE_HELP, bf16_form, check_output, fastest_path, optimized, run, text_table
 
 
 def cmd_list(args) -> None:
@@ -217,6 +217,7 @@ def cmd_infer(args) -> None:
 def _infer(args) -> None:
     from tqdm import tqdm
 
+    from ..deploy.runner import GraphDetector
     from ..images import check_image
     from ..visualize import draw_detections
     from ..zoo import create_model, get_spec, list_models
@@ -232,11 +233,19 @@ def _infer(args) -> None:
         raise Res2DetError(f"--score-thr must lie in [0, 1], got {args.score_thr}")
     if args.workers < 0:
         raise Res2DetError(f"--workers must be 0 or more, got {args.workers}")
-    onnx_runtime = args.onnx is not None or args.backend == "onnxruntime"
-    if onnx_runtime and args.precision != "fp32":
-        raise Res2DetError("ONNX Runtime runs the graph in fp32; --precision applies to the PyTorch backend")
-    if args.optimize and (onnx_runtime or args.precision != "fp32"):
+    graph_runtime = args.onnx is not None or args.backend != "torch"
+    if (args.onnx is not None or args.backend == "onnxruntime") and args.precision != "fp32":
+        raise Res2DetError("ONNX Runtime runs the graph in fp32; --precision applies to the PyTorch and OpenVINO "
+                           "backends")
+    if args.optimize and (graph_runtime or args.precision != "fp32"):
         raise Res2DetError("--optimize is the fp32 PyTorch path's; leave out --precision, --backend and --onnx")
+    if args.fast and (args.optimize or args.onnx is not None or args.backend != "torch" or args.precision != "fp32"):
+        raise Res2DetError("--fast chooses the backend and precision itself; leave out --backend, --precision, "
+                           "--optimize and --onnx")
+    if args.backend != "torch":
+        from ..deploy.backend import require_runtime
+
+        require_runtime(args.backend)  # a missing package: one line, before any work
     images = expand_images(args.images)
     keep_going = args.on_bad == "skip" and len(images) > 1  # one image: nothing to go on with, its error it is
     for image in images if not keep_going else ():  # fail on a missing or non-image file before building the model
@@ -269,17 +278,25 @@ def _infer(args) -> None:
         if args.weights is None:
             print(f"res2det: warning: no --weights given, so {args.model} is randomly initialised; its detections "
                   f"mean nothing. Pass --weights FILE or --weights mmdet.", file=sys.stderr)
-        if args.backend == "onnxruntime" and images:
-            from ..deploy import onnx_backend
+        if args.fast and images:
+            model = fastest_path(model, model_name=args.model, example=_first_readable(images))
+        elif args.backend != "torch" and images:
+            from ..deploy import graph_backend
 
-            model = onnx_backend(model, model_name=args.model, check_image=_first_readable(images))
+            model = graph_backend(model, model_name=args.model, check_image=_first_readable(images),
+                                  runtime=args.backend, precision=args.precision, streams=args.streams)
+        elif args.precision == "bf16" and images:
+            model = bf16_form(model, _first_readable(images))
         if args.optimize and images:
             model = optimized(model, _first_readable(images))
     if args.coco_json:  # ids checked before any image runs
         image_ids, cat_ids = _coco_ids(args.ann, all_images, tuple(model.class_names))
     draw_dir = Path(args.draw) if args.draw else None
     draw_thr = 0.3 if args.score_thr is None else args.score_thr
-    options = {} if onnx_runtime else {"precision": args.precision, "batch_size": args.batch_size}
+    options = {"batch_size": args.batch_size}
+    if not isinstance(model, GraphDetector):  # bf16: the converted model's own, or fp32 after the fallback warning
+        options["precision"] = getattr(model, "inference_precision", "fp32" if args.precision == "bf16" else
+                                       args.precision)
     records, drawn, count, start, with_masks, bad = [], set(), 0, time.perf_counter(), False, []
     if jsonl and not args.resume:
         atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text(""))
@@ -378,14 +395,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "PyTorch model (same pre-processing, outputs and drawing)")
     p.add_argument("--score-thr", type=float, help="keep detections scoring at least this (after the model's "
                    "own 0.05); also the drawing threshold (default 0.3 there)")
-    p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
-                   help="onnxruntime: export the model's graph once into the cache (checked against PyTorch on "
-                        "the first image), then run it in ONNX Runtime (fp32)")
+    p.add_argument("--backend", choices=["torch", "onnxruntime", "openvino"], default="torch",
+                   help="onnxruntime / openvino: export the model's graph once into the cache (checked against "
+                        "PyTorch on the first image), then run it in ONNX Runtime (fp32) or OpenVINO (fp32 or "
+                        "--precision bf16; pip install 'res2det[openvino]')")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
-                   help="PyTorch autocast precision of the layers (scores, boxes, NMS and masks stay fp32); "
-                        "falls back to fp32 with a warning where the device has no native instructions for it")
+                   help="precision of the layers (scores, boxes, NMS and masks stay fp32): bf16 converts the "
+                        "weights once (BN folded; OpenVINO: its precision hint), fp16 is PyTorch autocast; falls "
+                        "back to fp32 with a warning where the CPU has no native instructions for it")
     p.add_argument("--optimize", action="store_true", help=OPTIMIZE_HELP)
-    p.add_argument("--batch-size", type=int, default=1, help="images per forward pass (PyTorch backend)")
+    p.add_argument("--fast", action="store_true", help=FAST_HELP)
+    p.add_argument("--batch-size", type=int, default=1, help="images per forward pass (PyTorch backend; OpenVINO: "
+                   "images handed to its streams together)")
+    p.add_argument("--streams", type=int, default=1, help="OpenVINO: images run at once, sharing the threads")
     p.add_argument("--workers", type=int, default=0, help="background processes that decode and resize images "
                    "while the model runs")
     p.add_argument("--out", help="write the detections: FILE.jsonl one JSON line per image as it is done (an "

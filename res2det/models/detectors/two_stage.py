@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from ...errors import Res2DetError
 from ...ops.onnx_ops import exporting
 from ...structures import DETECTION_PREPROCESS, InstanceMasks, Preprocess
 from ..backbones import build_backbone
@@ -118,7 +119,7 @@ class TwoStageDetector(nn.Module):
         return results
 
     def predict(self, images: "ImageLike | Sequence[ImageLike]", *, score_thr: float | None = None,
-                batch_size: int = 1, precision: str = "fp32") -> "list[Detections]":
+                batch_size: int = 1, precision: str | None = None) -> "list[Detections]":
         """Detect objects in images given as paths, PIL images, HxWx3 uint8 arrays or tensors (HxWx3 or 3xHxW;
         floats in 0..1 or 0..255), one or a list (an ``N x 3 x H x W`` tensor or ``N x H x W x 3`` array is
         a list of N). Returns one ``Detections`` per image, always a list.
@@ -133,23 +134,28 @@ class TwoStageDetector(nn.Module):
 
         ``precision`` 'bf16' / 'fp16' runs the layers under ``torch.autocast`` where the device has native
         instructions for it (else fp32, with a ``PrecisionFallback`` warning); scores, box decoding, NMS,
-        RoIAlign sampling and mask pasting stay fp32 (``res2det.inference.autocast_dtype``).
+        RoIAlign sampling and mask pasting stay fp32 (``res2det.inference.autocast_dtype``). ``None`` (the
+        default) is the model's own: fp32, or bf16 for the bf16 form of ``optimize_for_inference``.
         """
         return [det for _, _, det in self.iter_predict(images, score_thr=score_thr, batch_size=batch_size,
                                                        precision=precision)]
 
     def iter_predict(self, images: "ImageLike | Sequence[ImageLike]", *, score_thr: float | None = None,
-                     batch_size: int = 1, precision: str = "fp32", num_workers: int = 0,
+                     batch_size: int = 1, precision: str | None = None, num_workers: int = 0,
                      on_bad: "Callable[[ImageLike, str], None] | None" = None
                      ) -> "Iterator[tuple[ImageLike, np.ndarray, Detections]]":
         """``predict`` one image at a time: ``(image, its HxWx3 uint8 pixels, Detections)``, decoding and
         pre-processing in ``num_workers`` background processes while the model runs (for folders of images).
         ``on_bad(image, message)`` gets each image that cannot be read, which is skipped (default: its error is
         raised)."""
-        from ...inference import autocast_dtype, iter_predict
+        from ...inference import PRECISIONS, autocast_dtype, iter_predict
 
         param = next(self.parameters())
-        dtype = autocast_dtype(precision, param.device)
+        own = getattr(self, "inference_precision", "fp32")  # bf16: the weights were converted for it
+        if own != "fp32" and precision not in (None, own):
+            raise Res2DetError(f"this model's weights were converted to {own} (optimize_for_inference); predict "
+                               f"it in {own}, or use the original model for {precision}")
+        dtype = autocast_dtype(precision or own, param.device) if own == "fp32" else PRECISIONS[own]
 
         def detect(batch: Tensor, sizes: list[tuple[int, int]], metas: list[dict]) -> list[dict[str, Tensor]]:
             with torch.inference_mode(), torch.autocast(param.device.type, dtype=dtype or torch.float32,
