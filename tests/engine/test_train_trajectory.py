@@ -14,7 +14,8 @@ user's path: a ``TrainConfig`` built from the fixture's meta (``replay_config``)
   iterations relative 1e-3 (absolute 1e-5 below 1e-2); ``acc`` within one sampled RoI (100 / N percent);
 * after the last iteration: the update norm ``|theta_n - theta_0|`` of every parameter whose update norm exceeds
   1e-6 x the largest, relative 5e-3 (through the mmdetection key map); the full predictor updates,
-  max |diff| <= 1e-3 x max |ref|; the same parameters frozen.
+  max |diff| <= 1e-3 x max |ref|; the same parameters frozen. The RPN box regressor gets 1e-2 / 5e-2 (see
+  DELTA_NORM_RTOL: the reference's own float32 error).
 
 Runtime: all five R2-101 detectors take several minutes on 2 cores, so by default only Mask R-CNN and HTC run;
 ``RES2DET_TRAJECTORY_ALL=1`` runs every fixture, and so does any ``RES2DET_TRAJECTORY_FIXTURES`` folder.
@@ -49,7 +50,18 @@ LR_RTOL = 1e-9
 FIRST_LOSS_RTOL, LATER_LOSS_RTOL, SMALL_LOSS = 1e-4, 1e-3, 1e-2
 FIRST_LOSS_ATOL, LATER_LOSS_ATOL = 1e-6, 1e-5
 BOX_ATOL = 1e-3
-DELTA_FLOOR, DELTA_NORM_RTOL, PREDICTOR_RTOL = 1e-6, 5e-3, 1e-3
+DELTA_FLOOR = 1e-6
+# The RPN's box regressor takes a tiny update (Mask R-CNN: norm 1.8e-4, largest element 2.5e-5: the RPN box loss is
+# 7e-4, averaged over every anchor), and the reference's own float32 error on it is large: res2det run in float64
+# differs from mmdetection's float32 update by 5.2e-3 in norm and 3.8e-2 of the largest element, exactly as much
+# as res2det's float32 run (5.15e-3, 3.8e-2), while every loss of every iteration agrees within 1.8e-4. It gets
+# 1e-2 / 5e-2; everything else keeps the 5e-3 / 1e-3 (docs/training-fidelity.md).
+DELTA_NORM_RTOL = {"rpn_head.rpn_reg.": 1e-2, "": 5e-3}
+PREDICTOR_RTOL = {"rpn_head.rpn_reg.": 5e-2, "": 1e-3}
+
+
+def _rtol(table: dict[str, float], name: str) -> float:
+    return next(t for prefix, t in table.items() if name.startswith(prefix))
 
 
 def _fixtures() -> list:
@@ -194,12 +206,12 @@ def check_updates(model, theta0: dict[str, torch.Tensor], fx: dict, name: str) -
             continue
         rel = abs(float(delta[k].norm()) - ref) / ref
         worst["delta_norm_rel"] = max(worst["delta_norm_rel"], rel)
-        if rel > DELTA_NORM_RTOL:
+        if rel > _rtol(DELTA_NORM_RTOL, k):
             failures.append(f"{k}: update norm {float(delta[k].norm()):.6g} vs {ref:.6g} ({rel:.2e})")
     for k, ref in zip(_to_res2det(name, fx["delta"]), fx["delta"].values()):
         diff, scale = float((delta[k] - ref.double()).abs().max()), float(ref.abs().max())
         worst["predictor_rel"] = max(worst["predictor_rel"], diff / scale)
-        if diff > PREDICTOR_RTOL * scale:
+        if diff > _rtol(PREDICTOR_RTOL, k) * scale:
             failures.append(f"{k}: full update differs by {diff:.3g} (max |ref| {scale:.3g})")
     return worst, failures
 
