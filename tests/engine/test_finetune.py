@@ -28,7 +28,7 @@ def config(root: Path, model: str = "mask_rcnn_r2_tiny_fpn", **changes) -> Train
     cfg = TrainConfig(model=model, data=DataConfig(root=str(root), train_split="train", val_split="val",
                                                    num_workers=0, scale=(128, 128)),
                       recipe=Recipe(epochs=2, milestones=(2,), optimizer="adamw", base_lr=1e-3, base_batch_size=2,
-                                    warmup_iters=1),
+                                    warmup_iters=0),
                       batch_size=2, eval_every=0, log_every=1, draw=0, max_iters=2)
     return dataclasses.replace(cfg, **changes)
 
