@@ -109,3 +109,12 @@ def tiny_seeded(seeded_weights):
     layout = {k: list(v.shape) for k, v in model.state_dict().items()}
     model.load_state_dict(seeded_weights.seeded_state_dict(layout, 0))
     return model
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (the rendezvous of the tests' two-process gloo runs)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

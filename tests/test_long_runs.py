@@ -25,6 +25,8 @@ from PIL import Image
 
 from res2det.cli.main import main
 
+from conftest import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = "mask_rcnn_r2_tiny_fpn"
 
@@ -314,13 +316,6 @@ def test_infer_stopped_by_sigterm_resumes_to_the_same_records(tiny_weights, tmp_
 
 
 # ------------------------------------------------------------------------------------ two gloo processes, a stop
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _ddp_stop_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
     from res2det.engine.train_config import DataConfig, Recipe, TrainConfig
@@ -360,7 +355,7 @@ def _ddp_stop_worker(rank: int, world: int, port: int, root: str, out: str) -> N
 
 @pytest.mark.slow
 def test_ddp_ranks_stop_at_the_same_iteration_and_resume_exactly(shapes_root, tmp_path):
-    torch.multiprocessing.spawn(_ddp_stop_worker, args=(2, _free_port(), str(shapes_root), str(tmp_path)), nprocs=2)
+    torch.multiprocessing.spawn(_ddp_stop_worker, args=(2, free_port(), str(shapes_root), str(tmp_path)), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pth", weights_only=False) for r in (0, 1))
     assert r0["stop"]["iteration"] == r1["stop"]["iteration"] == 2  # both after the signalled rank's iteration
     assert r0["stop"]["signum"] == r1["stop"]["signum"] == signal.SIGTERM

@@ -8,7 +8,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ import torch
 
 from res2det.engine.train_config import DataConfig, Recipe, TrainConfig
 from res2det.engine.trainer import NonFiniteLossError, Trainer
+
+from conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -201,11 +202,6 @@ def test_resuming_a_finished_run_reports_its_final_evaluation(shapes_root, tmp_p
     assert third["already_finished"] and third["metrics"]["bbox_AP"] == first["metrics"]["bbox_AP"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _ddp_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
@@ -225,7 +221,7 @@ def _ddp_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_stay_in_sync_and_resume_exactly(shapes_root, tmp_path):
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(shapes_root), str(tmp_path)), nprocs=2)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, free_port(), str(shapes_root), str(tmp_path)), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pth", weights_only=False) for r in (0, 1))
     assert r0["batches"] == r1["batches"] == 2  # 8 images, 2 per process: half the single-process iterations
     assert r0["summary"]["metrics"] == r1["summary"]["metrics"] and "segm_AP" in r0["summary"]["metrics"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
 
 import numpy as np
 import pycocotools.mask as mask_utils
@@ -20,7 +19,7 @@ from res2det.models.detectors import build_detector
 from res2det.models.heads import paste_masks
 from res2det.structures import Preprocess
 
-from conftest import SHARED
+from conftest import SHARED, free_port
 from test_det_units import tiny_config
 from test_eval_coco import VAL_JSON, load_val_coco, predictions_from_gt, records_from
 
@@ -150,11 +149,6 @@ def test_box_only_model_has_no_mask_metrics(coco_gt, tmp_path):
     assert len(json.loads((tmp_path / "bbox.json").read_text())) > 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _ddp_worker(rank: int, world: int, port: int, shards: list, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -185,7 +179,7 @@ def test_ddp_gather_evaluates_each_image_once(coco_gt, tmp_path):
     expected = gather_and_evaluate(coco_gt, per_image, iou_types=("bbox", "segm"), out_dir=tmp_path / "single")
     assert 0 < expected["bbox_AP"] < 1
 
-    mp.spawn(_ddp_worker, args=(2, _free_port(), shards, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), shards, str(tmp_path)), nprocs=2, join=True)
 
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for r in ranks:  # every rank gets rank 0's metrics
