@@ -14,12 +14,12 @@ user's path: a ``TrainConfig`` built from the fixture's meta (``replay_config``)
   iterations relative 1e-3 (absolute 1e-5 below 1e-2); ``acc`` within one sampled RoI (100 / N percent);
 * after the last iteration: the update norm ``|theta_n - theta_0|`` of every parameter whose update norm exceeds
   1e-6 x the largest, relative 5e-3 (through the mmdetection key map); the full predictor updates,
-  max |diff| <= 1e-3 x max |ref|; the same parameters frozen. The RPN box regressor gets 1e-2 / 5e-2 (see
-  DELTA_NORM_RTOL: the reference's own float32 error).
+  max |diff| <= 1e-3 x max |ref|; the same parameters frozen. The RPN box regressor gets 1e-2 / 5e-2 and the
+  mask logits' full update 1e-2 (see DELTA_NORM_RTOL: float32's own error on these small updates).
 
-Runtime: all five R2-101 detectors take several minutes on 2 cores, so by default only Mask R-CNN runs (HTC and
-Faster R-CNN still miss one limit each: docs/training-fidelity.md); ``RES2DET_TRAJECTORY_ALL=1`` runs every
-fixture, and so does any ``RES2DET_TRAJECTORY_FIXTURES`` folder.
+Runtime: all five R2-101 detectors take about 10 minutes on 2 cores, so by default Mask R-CNN and HTC run (the
+issue's two); ``RES2DET_TRAJECTORY_ALL=1`` runs every fixture, and so does any ``RES2DET_TRAJECTORY_FIXTURES``
+folder. Faster R-CNN's fixture still fails at iteration 3 (docs/training-fidelity.md, "Open").
 ``python -m pytest -s tests/engine/test_train_trajectory.py`` prints the worst differences per detector; with
 ``RES2DET_TRAJECTORY_FLOAT64=1`` the model runs in float64 (its input cast on the way in), so the printed
 differences are the reference's own float32 error.
@@ -45,20 +45,26 @@ _FOLDER_ENV = os.environ.get("RES2DET_TRAJECTORY_FIXTURES")
 FIXTURES = Path(_FOLDER_ENV or REFERENCE / "parity" / "trajectory")
 RUN_ALL = bool(_FOLDER_ENV) or os.environ.get("RES2DET_TRAJECTORY_ALL") == "1"
 FLOAT64 = os.environ.get("RES2DET_TRAJECTORY_FLOAT64") == "1"
-DEFAULT_DETECTORS = ("mask_rcnn_",)  # config-name prefixes run by default (HTC and Faster: open, docs)
+DEFAULT_DETECTORS = ("mask_rcnn_", "htc_")  # config-name prefixes run by default (the issue's two)
 
 LR_RTOL = 1e-9
 FIRST_LOSS_RTOL, LATER_LOSS_RTOL, SMALL_LOSS = 1e-4, 1e-3, 1e-2
 FIRST_LOSS_ATOL, LATER_LOSS_ATOL = 1e-6, 1e-5
 BOX_ATOL = 1e-3
 DELTA_FLOOR = 1e-6
+# Reported with a failure (not an excuse for one): R-CNN assignments this close to a threshold. Proposals are the
+# model's outputs; after three updates res2det's float32 and float64 runs put one Faster R-CNN proposal on either
+# side of the 0.5 threshold (IoU 0.500044 in float32), which moves its iteration-3 loss_cls by 3.6% (docs).
+NEAR_TIE = 1e-3
 # The RPN's box regressor takes a tiny update (Mask R-CNN: norm 1.8e-4, largest element 2.5e-5: the RPN box loss is
 # 7e-4, averaged over every anchor), and the reference's own float32 error on it is large: res2det run in float64
 # differs from mmdetection's float32 update by 5.2e-3 in norm and 3.8e-2 of the largest element, exactly as much
 # as res2det's float32 run (5.15e-3, 3.8e-2), while every loss of every iteration agrees within 1.8e-4. It gets
-# 1e-2 / 5e-2; everything else keeps the issue's 5e-3 / 1e-3 (docs/training-fidelity.md).
+# 1e-2 / 5e-2. The mask logits' full update is as sensitive to summation order: HTC's stage-0 `conv_logits`, res2det
+# with 1 thread against res2det with 2 threads (nothing else changed), differs by 4.3e-3 of its largest element
+# (3.4e-3 and 1.05e-3 from mmdetection's): 1e-2. Everything else keeps the issue's 5e-3 / 1e-3 (docs).
 DELTA_NORM_RTOL = {"rpn_head.rpn_reg.": 1e-2, "": 5e-3}
-PREDICTOR_RTOL = {"rpn_head.rpn_reg.": 5e-2, "": 1e-3}
+PREDICTOR_RTOL = {"rpn_head.rpn_reg.": 5e-2, "roi_head.mask_head.": 1e-2, "": 1e-3}
 
 
 def _rtol(table: dict[str, float], name: str) -> float:
@@ -138,6 +144,30 @@ def record_rois(model) -> dict[str, list[int]]:
         counts[prefix] = []
         head.register_forward_hook(lambda m, args, out, p=prefix: counts[p].append(args[0].shape[0]))
     return counts
+
+
+def record_near_ties(model, monkeypatch) -> list[tuple[int, float, float]]:
+    """Hooks recording the R-CNN assignments close to a tie: ``(iteration, IoU, threshold)`` for every
+    proposal whose best IoU with a ground-truth box lies within NEAR_TIE of its assigner's threshold. (The RPN's
+    anchors are data, the same numbers in every run: only proposals, the model's own outputs, are watched.)"""
+    from res2det.models.heads.targets import MaxIoUAssigner
+
+    rpn_assigner = model.rpn_head.train_cfg.assigner
+    iteration = [-1]
+    model.register_forward_pre_hook(lambda module, args: iteration.__setitem__(0, iteration[0] + 1))
+    ties: list[tuple[int, float, float]] = []
+    assign = MaxIoUAssigner.assign
+
+    def watched(self, boxes, gt_boxes, gt_labels):
+        result = assign(self, boxes, gt_boxes, gt_labels)
+        if self is not rpn_assigner:
+            for threshold in sorted({self.pos_iou_thr, self.neg_iou_thr}):
+                iou = result.max_overlaps.double()
+                ties.extend((iteration[0], float(v), threshold) for v in iou[(iou - threshold).abs() < NEAR_TIE])
+        return result
+
+    monkeypatch.setattr(MaxIoUAssigner, "assign", watched)
+    return ties
 
 
 def check_first_batch(trainer, ref: dict) -> None:
@@ -237,6 +267,7 @@ def test_training_trajectory_matches_mmdetection(path, seeded_weights, tmp_path,
 
     theta0 = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     rois = record_rois(trainer.model)
+    ties = record_near_ties(trainer.model, monkeypatch)
     # what is compared is data, steps, optimiser and schedule: no checkpoint files, no evaluation
     monkeypatch.setattr(trainer, "_save", lambda: None)
     monkeypatch.setattr(trainer, "evaluate", lambda *args, **kwargs: {})
@@ -247,7 +278,10 @@ def test_training_trajectory_matches_mmdetection(path, seeded_weights, tmp_path,
     worst_updates, update_failures = check_updates(trainer.model, theta0, fx, name)
     measured = ", ".join(f"{k} {v:.2e}" for k, v in {**worst, **worst_updates}.items())
     print(f"\n{name}{' (float64)' if FLOAT64 else ''}: {measured}")
-    assert not failures + update_failures, f"{name} differs from mmdetection:\n" + "\n".join(failures + update_failures)
+    near = "".join(f"\niteration {i}: a proposal's IoU {iou:.6f} with a ground-truth box (R-CNN threshold {t})"
+                   for i, iou, t in ties)
+    assert not failures + update_failures, (f"{name} differs from mmdetection:\n" + "\n".join(failures + update_failures)
+                                            + (f"\nnear-ties that float rounding may decide:{near}" if near else ""))
 
 
 def test_fixture_folder_is_used():
