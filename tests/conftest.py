@@ -4,11 +4,18 @@ from __future__ import annotations
 import functools
 import http.server
 import importlib.util
+import os
 import threading
 from pathlib import Path
 
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # the README's test command runs two pytest workers on CI's 2 cores: one thread each (and in the processes
+    # the tests start), or the two oversubscribe the cores and both run several times slower
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 REFERENCE = SHARED / "reference"

@@ -177,6 +177,7 @@ def test_interrupted_run_resumes_without_losing_lines(folder, tiny_weights, tmp_
     assert _lines(out) == full
 
 
+@pytest.mark.slow
 def test_optimized_infer_agrees_and_measures_once(folder, tiny_weights, tmp_path, capsys, monkeypatch):
     """``infer --optimize``: the same detections within float rounding; the kernel plan is measured by the first
     run only."""
@@ -295,6 +296,7 @@ def test_coco_ids_from_file_names_or_annotations(shapes_val, shapes_weights, tmp
 
 
 @pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools under numpy 2
+@pytest.mark.slow
 def test_optimized_test_gives_the_same_ap(shapes_val, shapes_weights, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("RES2DET_CACHE", str(tmp_path / "cache"))
     args = ["test", "shapes", "--data", str(shapes_val.val_dir.parent), "--weights", shapes_weights]

@@ -29,6 +29,7 @@ def _with_bn_statistics(model):
 
 
 @pytest.mark.parametrize("name", ["res2net50_26w_4s", "res2net50_v1b_26w_4s", "res2next50", "resnet50"])
+@pytest.mark.slow
 def test_optimised_classifier_matches_eager(name):
     torch.manual_seed(0)
     model = _with_bn_statistics(res2det.create_model(name))

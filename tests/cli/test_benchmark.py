@@ -43,6 +43,7 @@ def test_parse_size():
         parse_size("800x1333", multiple_of=32)
 
 
+@pytest.mark.slow
 def test_classifier_json(tmp_path):
     out = tmp_path / "r.json"
     assert main(["benchmark", CLASSIFIER, "--size", "48x64", "--batch", "2", "--train", "--json", str(out), *FAST]) == 0
@@ -167,6 +168,7 @@ def test_rewrite_block_touches_only_the_marked_block(tmp_path):
         rewrite_block(copy, ZOO_MARKER, "x")
 
 
+@pytest.mark.slow
 def test_all_subset_writes_json_and_readme(tmp_path):
     """--all runs each model in a fresh process; the page's zoo-table block gets one row per model."""
     readme = tmp_path / "README.md"
@@ -232,6 +234,7 @@ def test_benchmark_scripts_import_without_pycocotools(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_train_script(tmp_path):
     out, readme = tmp_path / "train.json", tmp_path / "README.md"
     readme.write_text("x\n<!-- train-table:start -->\n<!-- train-table:end -->\n")

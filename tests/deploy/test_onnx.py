@@ -179,6 +179,7 @@ def test_dynamic_graph_matches_predict(tiny_model, tiny_onnx):
         assert len(above) == int((got.scores >= 0.5).sum()) and (above.scores >= 0.5).all()
 
 
+@pytest.mark.slow
 def test_fixed_size_graph_matches_detect(tiny_model, tmp_path):
     """A fixed 256x320 input: images are padded to it, scaled down first when predict's size would not fit;
     the detections equal the model's on the same padded input."""
@@ -241,6 +242,7 @@ def tiny_weights(tiny_model, tmp_path_factory):
 
 
 @pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools under numpy 2
+@pytest.mark.slow
 def test_cli_export_then_infer_onnx_equals_infer(tiny_weights, tmp_path, capsys):
     onnx_path = tmp_path / "out" / "tiny.onnx"
     assert main(["export", TINY, "--weights", str(tiny_weights), "--out", str(onnx_path), "--dynamic"]) == 0

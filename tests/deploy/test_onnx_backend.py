@@ -24,6 +24,7 @@ def tiny(tiny_seeded):
     return tiny_seeded
 
 
+@pytest.mark.slow
 def test_exported_once_checked_and_reused(tiny, tmp_path, monkeypatch):
     detector = onnx_backend(tiny, model_name=TINY, check_image=str(PHOTO), threads=1, root=tmp_path)
     (graph,) = tmp_path.glob("*.onnx")
@@ -58,6 +59,7 @@ def test_a_graph_that_disagrees_is_refused_and_not_kept(tiny, tmp_path, monkeypa
 
 
 @pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools under numpy 2
+@pytest.mark.slow
 def test_cli_backend_onnxruntime_equals_torch(tiny, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("RES2DET_CACHE", str(tmp_path / "cache"))
     weights = tmp_path / "tiny.safetensors"

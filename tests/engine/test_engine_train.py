@@ -57,6 +57,7 @@ def _final_state(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "model_final.safetensors"))
 
 
+@pytest.mark.slow
 def test_short_training_run_loss_falls(shapes_root, tmp_path):
     cfg = tiny_config(shapes_root, recipe=Recipe(epochs=8, milestones=(8,), optimizer="adamw", base_lr=1e-3,
                                                  base_batch_size=2, weight_decay=0.05, warmup_iters=4),
@@ -137,6 +138,7 @@ def test_bf16_autocast_step_on_cpu(shapes_root, tmp_path):
     assert losses is not None and all(torch.isfinite(v) for v in losses.values())
 
 
+@pytest.mark.slow
 def test_htc_trains_with_stuff_maps_from_a_folder(shapes_root, tmp_path):
     """HTC's semantic branch takes its targets from a folder of label maps named like the images."""
     import numpy as np
@@ -265,14 +267,15 @@ def test_cli_train_evaluates_and_draws_and_test_reproduces_it(shapes_root, tmp_p
 
 @pytest.mark.slow
 def test_main_job_recipe_learns(tmp_path):
-    """The README's main job (`res2det train shapes`, the preset as it is) learns: after its first 200 of 600
-    iterations (a third of the run, before the lr step) box AP50 on the 50 held-out images is far above chance.
-    Seed 0 measured 0.51 there on AMD EPYC family 23 (and 0.74 / 0.79 box / mask AP at the end); the bound
-    leaves a 2x margin for other machines' floating-point paths."""
+    """The README's main job (`res2det train shapes`, the preset as it is) learns: after its first 100 of 600
+    iterations (one epoch, the warm-up and 50 iterations at full rate) box and mask AP50 on the 50 held-out
+    images are far above chance (~0). Seed 0 measured 0.288 / 0.204 there on AMD EPYC family 25 (0.51 box AP50
+    after 200 iterations on family 23, and 0.74 / 0.78 box / mask AP at the end); the bounds leave a 2x margin
+    for other machines' floating-point paths."""
     from res2det.engine.train_config import load_config
 
-    cfg = dataclasses.replace(load_config("shapes"), max_iters=200, draw=0, out_dir=str(tmp_path))
+    cfg = dataclasses.replace(load_config("shapes"), max_iters=100, draw=0, out_dir=str(tmp_path))
     summary = Trainer(cfg, tmp_path / "shapes", progress=False).fit()
-    assert summary["iterations"] == 200
-    assert summary["metrics"]["bbox_AP50"] >= 0.25, summary["metrics"]
-    assert summary["metrics"]["segm_AP50"] >= 0.2, summary["metrics"]
+    assert summary["iterations"] == 100
+    assert summary["metrics"]["bbox_AP50"] >= 0.14, summary["metrics"]
+    assert summary["metrics"]["segm_AP50"] >= 0.1, summary["metrics"]

@@ -237,6 +237,7 @@ def test_killed_writer_never_corrupts_latest(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- ImageNet initialisation
+@pytest.mark.slow
 def test_backbone_init_from_imagenet_weights(seeded_checkpoint, tmp_path):
     import res2det
     from res2det.zoo import load_backbone_weights
