@@ -39,7 +39,7 @@ def _check(model, name, tmp_path, size, ref=None):
 # Cascade R-CNN's graph is Cascade Mask R-CNN's without the mask branch: the latter stands for both (suite time)
 @pytest.mark.parametrize("name, size", [
     ("faster_rcnn_r2_101_fpn_2x_coco", None),
-    ("cascade_mask_rcnn_r2_101_fpn_20e_coco", (320, 512)),
+    ("cascade_mask_rcnn_r2_101_fpn_20e_coco", None),
     ("htc_r2_101_fpn_20e_coco", (320, 512)),
 ])
 def test_zoo_detector_onnx_matches_pytorch(name, size, seeded_checkpoint, tmp_path):
