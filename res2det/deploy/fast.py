@@ -5,7 +5,8 @@ The rules, fastest first:
 
 * CPUs with native bf16 (avx512_bf16 / amx_bf16): OpenVINO in bf16 (res2det's own graph; 0.41 s against 1.75
   in fp32 for the R2-101 graph on a 2-core AMX Xeon), else PyTorch with bf16 weights (``optimize_for_inference(
-  precision='bf16')``). bf16 costs the main-job model +0.004 box / -0.0004 mask AP (benchmarks/inference_ap.py).
+  precision='bf16')``). On the main-job model the bf16 weight form moves AP by +0.007 box / +0.007 mask
+  (benchmarks/inference_ap.py, docs/fast-inference.md).
 * Every CPU, fp32 (outputs within float rounding of the exact path, so the same AP): OpenVINO, then ONNX
   Runtime, then PyTorch's ``--optimize`` path, in the order ``benchmarks/inference.py`` measured them.
 

@@ -22,7 +22,8 @@ issue's two); ``RES2DET_TRAJECTORY_ALL=1`` runs every fixture, and so does any `
 folder. Faster R-CNN's fixture still fails at iteration 3 (docs/training-fidelity.md, "Open").
 ``python -m pytest -s tests/engine/test_train_trajectory.py`` prints the worst differences per detector; with
 ``RES2DET_TRAJECTORY_FLOAT64=1`` the model runs in float64 (its input cast on the way in), so the printed
-differences are the reference's own float32 error.
+differences are the reference's own float32 error; ``RES2DET_TRAJECTORY_THREADS=1`` changes only the summation
+order, which shows float32's own spread on each check.
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ _FOLDER_ENV = os.environ.get("RES2DET_TRAJECTORY_FIXTURES")
 FIXTURES = Path(_FOLDER_ENV or REFERENCE / "parity" / "trajectory")
 RUN_ALL = bool(_FOLDER_ENV) or os.environ.get("RES2DET_TRAJECTORY_ALL") == "1"
 FLOAT64 = os.environ.get("RES2DET_TRAJECTORY_FLOAT64") == "1"
+THREADS = int(os.environ.get("RES2DET_TRAJECTORY_THREADS", "0"))  # > 0: torch's threads for the replay (evidence)
 DEFAULT_DETECTORS = ("mask_rcnn_", "htc_")  # config-name prefixes run by default (the issue's two)
 
 LR_RTOL = 1e-9
@@ -60,7 +62,7 @@ NEAR_TIE = 1e-3
 # 7e-4, averaged over every anchor), and the reference's own float32 error on it is large: res2det run in float64
 # differs from mmdetection's float32 update by 5.2e-3 in norm and 3.8e-2 of the largest element, exactly as much
 # as res2det's float32 run (5.15e-3, 3.8e-2), while every loss of every iteration agrees within 1.8e-4. It gets
-# 1e-2 / 5e-2. The mask logits' full update is as sensitive to summation order: HTC's stage-0 `conv_logits`, res2det
+# 1e-2 / 5e-2. The mask logits' full update is as sensitive to summation order: HTC's `mask_head.0.conv_logits`, res2det
 # with 1 thread against res2det with 2 threads (nothing else changed), differs by 4.3e-3 of its largest element
 # (3.4e-3 and 1.05e-3 from mmdetection's): 1e-2. Everything else keeps the issue's 5e-3 / 1e-3 (docs).
 DELTA_NORM_RTOL = {"rpn_head.rpn_reg.": 1e-2, "": 5e-3}
@@ -249,7 +251,7 @@ def check_updates(model, theta0: dict[str, torch.Tensor], fx: dict, name: str) -
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", FIXTURE_PARAMS)
-def test_training_trajectory_matches_mmdetection(path, seeded_weights, tmp_path, monkeypatch):
+def test_training_trajectory_matches_mmdetection(path, seeded_weights, tmp_path, monkeypatch, request):
     from res2det.engine.trainer import Trainer
 
     fx = torch.load(path, weights_only=True)
@@ -265,6 +267,11 @@ def test_training_trajectory_matches_mmdetection(path, seeded_weights, tmp_path,
         trainer.model.double()
         trainer.model.register_forward_pre_hook(lambda module, args: (args[0].double(), *args[1:]))
 
+    if THREADS:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(THREADS)
+        request.addfinalizer(lambda: torch.set_num_threads(threads))
+
     theta0 = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     rois = record_rois(trainer.model)
     ties = record_near_ties(trainer.model, monkeypatch)
@@ -277,11 +284,12 @@ def test_training_trajectory_matches_mmdetection(path, seeded_weights, tmp_path,
     worst, failures = check_iterations(run / "log.jsonl", fx, rois)
     worst_updates, update_failures = check_updates(trainer.model, theta0, fx, name)
     measured = ", ".join(f"{k} {v:.2e}" for k, v in {**worst, **worst_updates}.items())
-    print(f"\n{name}{' (float64)' if FLOAT64 else ''}: {measured}")
+    print(f"\n{name}{' (float64)' if FLOAT64 else ''}, {torch.get_num_threads()} thread(s): {measured}")
     near = "".join(f"\niteration {i}: a proposal's IoU {iou:.6f} with a ground-truth box (R-CNN threshold {t})"
                    for i, iou, t in ties)
-    assert not failures + update_failures, (f"{name} differs from mmdetection:\n" + "\n".join(failures + update_failures)
-                                            + (f"\nnear-ties that float rounding may decide:{near}" if near else ""))
+    assert not failures + update_failures, (
+        f"{name} differs from mmdetection:\n" + "\n".join(failures + update_failures)
+        + (f"\nnear-ties that float rounding may decide:{near}" if near else ""))
 
 
 def test_fixture_folder_is_used():
