@@ -123,6 +123,7 @@ def test_the_walk_sees_relative_and_lazy_imports():
         fake.unlink()
 
 
+@pytest.mark.slow
 def test_predict_does_not_need_the_coco_toolkit():
     """``import res2det; create_model(...).predict(...)`` runs with pycocotools never imported."""
     code = ("import sys, numpy as np, res2det\n"

@@ -166,6 +166,7 @@ def test_roi_align_matches_onnxruntime():
 
 
 # ------------------------------------------------------------------------------------------ small detector
+@pytest.mark.slow
 def test_dynamic_graph_matches_predict(tiny_model, tiny_onnx):
     """One graph (traced at 320x320) on two real photos of other sizes and orientations, against predict."""
     detector = OnnxDetector(tiny_onnx, threads=1)

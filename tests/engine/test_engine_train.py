@@ -74,6 +74,7 @@ def test_short_training_run_loss_falls(shapes_root, tmp_path):
     assert (tmp_path / "run" / "plot.png").stat().st_size > 1000 and (tmp_path / "run" / "best.pth").is_file()
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_before_the_update_or_skips(shapes_root, tmp_path):
     trainer = Trainer(tiny_config(shapes_root, checkpoint_every=0), tmp_path / "a", progress=False)
     forward, calls = trainer.ddp.forward, []

@@ -155,6 +155,7 @@ def test_mmdet_checkpoint_loads(tmp_path):
     assert not model.training and float(model.backbone.bn1.weight.abs().sum()) == 0.0
 
 
+@pytest.mark.slow
 def test_mmdet_key_map_rejects_unknown_and_missing_keys(tmp_path):
     state = _mmdet_checkpoint(NAMES[0])
     path = tmp_path / "extra.pth"
