@@ -1,7 +1,7 @@
 """Profiling zoo models: params, GFLOPs, latency, fps, peak memory and training-step cost (what ``res2det benchmark``
 and the scripts in ``benchmarks/`` measure with).
 
-How the figures are made (the same text is in ``res2det benchmark --help`` and the README):
+How the figures are made (the same text is in ``res2det benchmark --help`` and docs/model-zoo.md):
 
 * **GFLOPs**: multiply-adds of conv and linear layers per image (``res2det.utils.complexity.count_macs``; one
   multiply-add counts as one "FLOP", the convention of the Res2Net and mmdetection tables), counted by hooks
