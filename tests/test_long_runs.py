@@ -225,8 +225,9 @@ def test_signal_at_a_random_moment_then_resume_is_bit_exact(uninterrupted, tmp_p
     config, expected, seconds = uninterrupted
     seed = random.randrange(10**6)
     # SIGTERM or SIGINT (one handler; drawn, to keep the suite short), somewhere in the training, before its end
-    signum = random.Random(seed).choice([signal.SIGTERM, signal.SIGINT])
-    delay = random.Random(seed + 1).uniform(0.0, 0.8 * seconds)
+    rng = random.Random(seed)
+    signum = rng.choice([signal.SIGTERM, signal.SIGINT])
+    delay = rng.uniform(0.0, 0.8 * seconds)
     out = tmp_path / "runs"
     # a new session: the signal goes to the whole process group, data-loader worker included, as Ctrl-C does
     run = _cli("train", str(config), "--out", str(out), start_new_session=True)

@@ -163,8 +163,8 @@ def record_near_ties(model, monkeypatch) -> list[tuple[int, float, float]]:
     def watched(self, boxes, gt_boxes, gt_labels):
         result = assign(self, boxes, gt_boxes, gt_labels)
         if self is not rpn_assigner:
+            iou = result.max_overlaps.double()
             for threshold in sorted({self.pos_iou_thr, self.neg_iou_thr}):
-                iou = result.max_overlaps.double()
                 ties.extend((iteration[0], float(v), threshold) for v in iou[(iou - threshold).abs() < NEAR_TIE])
         return result
 
