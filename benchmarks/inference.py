@@ -17,7 +17,9 @@ Paths (each the whole ``predict`` of the same image, with the seed-0 reference w
 * ``onnxruntime fp32``: ``res2det.deploy.onnx_backend`` (the model's own graph in ONNX Runtime, same threads);
 * ``openvino fp32`` / ``openvino bf16``: ``res2det.deploy.openvino_backend`` (the same graph in OpenVINO, same
   threads; bf16 only where native); ``openvino fp32 x2 streams``: two copies of the photo handed to two
-  OpenVINO streams at once (``infer --backend openvino --streams 2 --batch-size 2``), seconds per image.
+  OpenVINO streams at once (``infer --backend openvino --streams 2 --batch-size 2``), seconds per image;
+* ``openvino int8``: the graph quantised by NNCF (where installed; ``infer --backend openvino --precision int8``),
+  calibrated on the first 8 other photos of the timed photo's folder; its one-time cost includes calibrating.
 
 The heading names the CPU (model, family) and its speed-relevant flags (avx2 ... amx_bf16).
 
@@ -96,11 +98,26 @@ def graph_paths(model, name: str, photo: str, cache: str, *, native_bf16: bool) 
                 bf16 = graph_backend(model, model_name=name, check_image=photo, runtime=runtime, root=cache,
                                      threads=torch.get_num_threads(), precision="bf16")
                 paths["openvino bf16"] = lambda p, d=bf16: d.predict(p)
+            if importlib.util.find_spec("nncf") is not None:
+                start = time.perf_counter()
+                int8 = graph_backend(model, model_name=name, check_image=photo, runtime=runtime, root=cache,
+                                     threads=torch.get_num_threads(), precision="int8",
+                                     calibration=calibration_images(photo))
+                paths["openvino int8"] = lambda p, d=int8: d.predict(p)
+                once_s["openvino int8"] = time.perf_counter() - start
+            else:
+                print(f"{name}: nncf not installed, openvino int8 skipped", file=sys.stderr)
             two = graph_backend(model, model_name=name, check_image=photo, runtime=runtime, root=cache,
                                 threads=torch.get_num_threads(), streams=2)
             paths["openvino fp32 x2 streams"] = lambda p, d=two: [
                 det for _, _, det in d.iter_predict([p, p], batch_size=2)]
     return paths, once_s
+
+
+def calibration_images(photo: str, count: int = 8) -> list[str]:
+    """The int8 path's calibration images: the first ``count`` other photos of the timed photo's folder (the
+    timed one is not among them)."""
+    return sorted(str(p) for p in Path(photo).parent.glob("*.jpg") if p.name != Path(photo).name)[:count]
 
 
 def bf16_predict(model):
@@ -198,7 +215,10 @@ def one_time(row: dict) -> str:
     exporting and checking the ONNX graph."""
     if row["path"] == "torch fp32 optimised":
         return "plan cached" if row["kernel_plan_s"] is None else f"kernel plan {row['kernel_plan_s']:.0f} s"
-    return "-" if row.get("export_and_check_s") is None else f"export + check {row['export_and_check_s']:.0f} s"
+    if row.get("export_and_check_s") is None:
+        return "-"
+    what = "calibrate + quantise" if row["path"] == "openvino int8" else "export + check"
+    return f"{what} {row['export_and_check_s']:.0f} s"
 
 
 def markdown(result: dict) -> str:

@@ -16,7 +16,9 @@ given weights, on that config's validation set, image files through ``predict``'
 * ``torch bf16``: ``optimize_for_inference(model, first image, precision='bf16')`` (weights converted to bf16 once;
   scored whether or not the CPU has native bf16, emulated where not);
 * ``onnxruntime fp32``, ``openvino fp32``: ``res2det.deploy.graph_backend`` (the model's graph in that runtime);
-* ``openvino bf16``: its bf16 precision hint, where the CPU has native bf16 (elsewhere OpenVINO computes f32).
+* ``openvino bf16``: its bf16 precision hint, where the CPU has native bf16 (elsewhere OpenVINO computes f32);
+* ``openvino int8``: the graph quantised by NNCF (where installed), calibrated on the config's first 8 training
+  images (never the validation images it is scored on).
 
 A fast path whose AP falls more than 0.01 below fp32 is not one to offer as is (the table marks it), and
 ``res2det.deploy.fast.record_ap_check`` keeps that verdict for this machine, so ``infer --fast`` skips it.
@@ -91,12 +93,14 @@ def main(argv=None) -> dict:
         from res2det.deploy import graph_backend
         from res2det.errors import Res2DetError
 
-        for runtime, precision in (("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16")):
+        train = [str(r.file) for r in build_dataset(cfg, model_preprocess(cfg), "train").records[:8]]
+        for runtime, precision in (("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16"),
+                                   ("openvino", "int8")):
             if precision == "bf16" and not native_bf16:
                 continue  # OpenVINO computes f32 where the CPU has no bf16: nothing to score
             try:
                 det = graph_backend(model, model_name=cfg.model, check_image=files[0], root=cache, runtime=runtime,
-                                    precision=precision, threads=torch.get_num_threads())
+                                    precision=precision, threads=torch.get_num_threads(), calibration=train)
                 paths[f"{runtime} {precision}"] = lambda f, d=det: d.iter_predict(f)
             except Res2DetError as e:
                 print(f"{runtime} {precision} path skipped: {e}", file=sys.stderr)

@@ -108,7 +108,7 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
 
 FAST_HELP = ("the fastest path installed here whose AP on the main-job model stays within 0.01 of fp32 "
              "(res2det.deploy.fast: OpenVINO bf16 or the bf16 weights where the CPU has native bf16, else OpenVINO "
-             "fp32, ONNX Runtime, the --optimize path); says which it chose")
+             "int8 (with NNCF installed), OpenVINO fp32, ONNX Runtime, the --optimize path); says which it chose")
 
 
 def bf16_form(model, example):
@@ -122,10 +122,10 @@ def bf16_form(model, example):
     return optimize_for_inference(model, example, precision="bf16")
 
 
-def fastest_path(model, *, model_name: str, example):
+def fastest_path(model, *, model_name: str, example, calibration=None):
     """``--fast``: ``res2det.deploy.fast.fastest_path``, saying which path it chose."""
     from ..deploy.fast import fastest_path as choose
 
-    chosen, why = choose(model, model_name=model_name, example=example)
+    chosen, why = choose(model, model_name=model_name, example=example, calibration=calibration)
     print(f"--fast: {why}")
     return chosen

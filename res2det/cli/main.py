@@ -195,18 +195,33 @@ def _done_files(path: Path, *, retry_bad: bool = False) -> tuple[set[str], int]:
     return done, bad
 
 
-def _first_readable(images: list[str]) -> str:
-    """The first of ``images`` that decodes (the example image of --backend onnxruntime / --optimize when
-    unreadable files are skipped)."""
+def _readable_head(images: list[str], count: int) -> list[str]:
+    """The first ``count`` of ``images`` that decode (example and calibration images when unreadable files are
+    skipped)."""
     from ..images import load_image
 
+    found = []
     for image in images:
         try:
             load_image(image)
-            return image
         except Res2DetError:
             continue
-    raise Res2DetError(f"none of the {len(images)} image(s) can be read")
+        found.append(image)
+        if len(found) == count:
+            break
+    if not found:
+        raise Res2DetError(f"none of the {len(images)} image(s) can be read")
+    return found
+
+
+def _first_readable(images: list[str]) -> str:
+    """The first of ``images`` that decodes (the example image of --backend onnxruntime / --optimize)."""
+    return _readable_head(images, 1)[0]
+
+
+# --precision int8 (and --fast, which may pick it): images calibrating the quantisation when --calibration is not
+# given, the first this many readable images of the run
+CALIBRATION_IMAGES = 8
 
 
 def cmd_infer(args) -> None:
@@ -237,6 +252,11 @@ def _infer(args) -> None:
     if (args.onnx is not None or args.backend == "onnxruntime") and args.precision != "fp32":
         raise Res2DetError("ONNX Runtime runs the graph in fp32; --precision applies to the PyTorch and OpenVINO "
                            "backends")
+    if args.precision == "int8" and args.backend != "openvino":
+        raise Res2DetError("--precision int8 is the OpenVINO backend's (a graph quantised by NNCF): add "
+                           "--backend openvino")
+    if args.calibration and args.precision != "int8" and not args.fast:
+        raise Res2DetError("--calibration goes with --precision int8 (or --fast)")
     if args.optimize and (graph_runtime or args.precision != "fp32"):
         raise Res2DetError("--optimize is the fp32 PyTorch path's; leave out --precision, --backend and --onnx")
     if args.fast and (args.optimize or args.onnx is not None or args.backend != "torch" or args.precision != "fp32"):
@@ -278,13 +298,22 @@ def _infer(args) -> None:
         if args.weights is None:
             print(f"res2det: warning: no --weights given, so {args.model} is randomly initialised; its detections "
                   f"mean nothing. Pass --weights FILE or --weights mmdet.", file=sys.stderr)
+        calibration = None
+        if images and (args.fast or args.precision == "int8"):
+            calibration = (expand_images(args.calibration) if args.calibration
+                           else _readable_head(all_images, CALIBRATION_IMAGES))
         if args.fast and images:
-            model = fastest_path(model, model_name=args.model, example=_first_readable(images))
+            model = fastest_path(model, model_name=args.model, example=_first_readable(images),
+                                 calibration=calibration)
         elif args.backend != "torch" and images:
             from ..deploy import graph_backend
 
+            if args.precision == "int8":
+                print(f"--precision int8: calibrated on {len(calibration)} image(s)"
+                      + ("" if args.calibration else " (the first of those given; --calibration to choose)"))
             model = graph_backend(model, model_name=args.model, check_image=_first_readable(images),
-                                  runtime=args.backend, precision=args.precision, streams=args.streams)
+                                  runtime=args.backend, precision=args.precision, streams=args.streams,
+                                  calibration=calibration)
         elif args.precision == "bf16" and images:
             model = bf16_form(model, _first_readable(images))
         if args.optimize and images:
@@ -399,10 +428,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnxruntime / openvino: export the model's graph once into the cache (checked against "
                         "PyTorch on the first image), then run it in ONNX Runtime (fp32) or OpenVINO (fp32 or "
                         "--precision bf16; pip install 'res2det[openvino]')")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16", "int8"], default="fp32",
                    help="precision of the layers (scores, boxes, NMS and masks stay fp32): bf16 converts the "
                         "weights once (BN folded; OpenVINO: its precision hint), fp16 is PyTorch autocast; falls "
-                        "back to fp32 with a warning where the CPU has no native instructions for it")
+                        "back to fp32 with a warning where the CPU has no native instructions for it; int8 "
+                        "(--backend openvino, pip install 'res2det[int8]'): the graph quantised once by NNCF on "
+                        "--calibration images, the mask head kept fp32")
+    p.add_argument("--calibration", action="append", metavar="PATH", help="an image or folder whose activation "
+                   f"ranges calibrate --precision int8 (repeatable; no labels needed; default: the first "
+                   f"{CALIBRATION_IMAGES} readable images given)")
     p.add_argument("--optimize", action="store_true", help=OPTIMIZE_HELP)
     p.add_argument("--fast", action="store_true", help=FAST_HELP)
     p.add_argument("--batch-size", type=int, default=1, help="images per forward pass (PyTorch backend; OpenVINO: "

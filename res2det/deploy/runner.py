@@ -155,8 +155,9 @@ class OnnxDetector(GraphDetector):
             None, self._inputs(image, size)))} for image, size in zip(batch, sizes)]
 
 
-# OpenVINO's names of the precisions it computes in
-OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
+# precision -> OpenVINO's inference precision hint; "int8" is a graph quantised by NNCF (``backend.quantize_graph``:
+# its FakeQuantize nodes make the convolutions and matmuls int8; the rest computes in f32)
+OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 
 
 class OpenVinoDetector(GraphDetector):
@@ -164,7 +165,8 @@ class OpenVinoDetector(GraphDetector):
 
     ``precision`` 'fp32' or 'bf16' is OpenVINO's inference precision hint (set explicitly: OpenVINO computes in
     bf16 by default on CPUs that have it); bf16 where the CPU has no native bf16 falls back to fp32 with a
-    ``PrecisionFallback`` warning. ``threads`` sets OpenVINO's threads, ``streams`` how many images run at once
+    ``PrecisionFallback`` warning; 'int8' runs an NNCF-quantised graph (an OpenVINO ``.xml`` from
+    ``backend.quantize_graph``). ``threads`` sets OpenVINO's threads, ``streams`` how many images run at once
     (each stream shares the threads; ``detect`` dispatches a batch's images to them asynchronously)."""
 
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None, precision: str = "fp32",
@@ -174,13 +176,15 @@ class OpenVinoDetector(GraphDetector):
         except ImportError as e:
             raise Res2DetError(f"--backend openvino needs OpenVINO (pip install 'res2det[openvino]'): {e}") from None
         if precision not in OPENVINO_PRECISIONS:
-            raise Res2DetError(f"the OpenVINO backend runs in {' or '.join(OPENVINO_PRECISIONS)}, not {precision}")
+            raise Res2DetError(f"the OpenVINO backend runs in fp32, bf16 or int8, not {precision}")
         if streams < 1:
             raise Res2DetError(f"streams must be at least 1, got {streams}")
         path = Path(path)
         if not path.is_file():
             raise Res2DetError(f"{path}: ONNX file not found")
-        if precision != "fp32" and autocast_dtype(precision, "cpu") is None:  # warns: no native instructions
+        if precision == "int8" and path.suffix != ".xml":
+            raise Res2DetError(f"{path}: precision int8 runs a quantised OpenVINO graph (.xml), not {path.suffix}")
+        if precision == "bf16" and autocast_dtype(precision, "cpu") is None:  # warns: no native instructions
             precision = "fp32"
         core = ov.Core()
         try:
