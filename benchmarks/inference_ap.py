@@ -69,6 +69,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--readme", type=Path)
+    ap.add_argument("--int8-mask-head", action="store_true", help="also score openvino int8 with the mask heads "
+                    "quantised too (the evidence for keeping them fp32, res2det.deploy.backend.INT8_KEEP_FP32)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -104,6 +106,13 @@ def main(argv=None) -> dict:
                 paths[f"{runtime} {precision}"] = lambda f, d=det: d.iter_predict(f)
             except Res2DetError as e:
                 print(f"{runtime} {precision} path skipped: {e}", file=sys.stderr)
+        if args.int8_mask_head and "openvino int8" in paths:
+            import res2det.deploy.backend as backend
+
+            backend.INT8_KEEP_FP32 = []  # a separate cache entry: the pattern list is part of its key
+            det = graph_backend(model, model_name=cfg.model, check_image=files[0], root=cache, runtime="openvino",
+                                precision="int8", threads=torch.get_num_threads(), calibration=train)
+            paths["openvino int8, mask head int8"] = lambda f, d=det: d.iter_predict(f)
         for name, run in paths.items():
             start = time.perf_counter()
             bbox, segm = [], []

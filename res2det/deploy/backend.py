@@ -96,8 +96,8 @@ def open_graph(path: Path, runtime: str, *, precision: str = "fp32", threads: in
 
 
 # The layers an int8 graph keeps in f32: the mask heads. Quantised, they cost the main-job model 0.059 mask AP
-# (box AP +0.001); kept f32, mask AP moves by -0.0002 (docs/fast-inference.md); they run on at most 100 RoIs of
-# 14x14, so keeping them costs no measurable time.
+# (box AP +0.0008); kept f32, mask AP moves by -0.0001 (`benchmarks/inference_ap.py --int8-mask-head`,
+# docs/fast-inference.md); they run on at most 100 RoIs of 14x14, so keeping them costs no measurable time.
 INT8_KEEP_FP32 = [".*mask_head.*"]
 
 
