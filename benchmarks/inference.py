@@ -24,9 +24,11 @@ Paths (each the whole ``predict`` of the same image, with the seed-0 reference w
 The heading names the CPU (model, family) and its speed-relevant flags (avx2 ... amx_bf16).
 
 Timing: one warm-up call per path, then ``--rounds`` interleaved rounds (every path once per round); the median
-per path and its ratio to fp32 eager. Agreement with fp32 eager: the share of its detections scoring >= 0.3
-found again (same label, box IoU >= 0.5), and the largest score difference among those. ``--readme`` rewrites
-the ``<!-- inference-table:start/end -->`` block of that file (docs/fast-inference.md) with the table.
+per path and its ratio to fp32 eager; and, per model, the median time of ``predict``'s work outside the model
+(decode, resize, normalise, pad), which every path shares. Agreement with fp32 eager: the share of its
+detections scoring >= 0.3 found again (same label, box IoU >= 0.5), and the largest score difference among
+those. ``--readme`` rewrites the ``<!-- inference-table:start/end -->`` block of that file
+(docs/fast-inference.md) with the table.
 """
 from __future__ import annotations
 
@@ -114,6 +116,18 @@ def graph_paths(model, name: str, photo: str, cache: str, *, native_bf16: bool) 
     return paths, once_s
 
 
+def time_pipeline(model, photo: str) -> float:
+    """Seconds of ``predict``'s work outside the model for ``photo`` (decode, resize, normalise, pad; a
+    detector that finds nothing): the part every path shares."""
+    def nothing(batch, sizes, metas):
+        return [dict(boxes=torch.zeros(0, 4), scores=torch.zeros(0), labels=torch.zeros(0, dtype=torch.long))
+                for _ in sizes]
+
+    start = time.perf_counter()
+    inference.predict(nothing, photo, preprocess=model.preprocess, class_names=model.class_names)
+    return time.perf_counter() - start
+
+
 def calibration_images(photo: str, count: int = 8) -> list[str]:
     """The int8 path's calibration images: the first ``count`` other photos of the timed photo's folder (the
     timed one is not among them)."""
@@ -160,7 +174,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     photo = str(args.photo)
     native_bf16 = bool(inference._cpu_flags() & {"avx512_bf16", "amx_bf16"})
-    rows = []
+    rows, pipeline_s = [], {}
     with tempfile.TemporaryDirectory() as cache:
         for name in args.models:
             weights = seeded_reference_weights(name)
@@ -185,6 +199,7 @@ def main(argv=None) -> dict:
                     images = len(fn(photo))
                     times[k].append((time.perf_counter() - start) / images)
             base = statistics.median(times["fp32 eager"])
+            pipeline_s[name] = statistics.median(time_pipeline(model, photo) for _ in range(max(args.rounds, 3)))
             for k in paths:
                 s = statistics.median(times[k])
                 rows.append(dict(model=name, path=k, seconds=s, speedup=base / s,
@@ -202,7 +217,9 @@ def main(argv=None) -> dict:
             f"{r['found'] * 100:.0f}% of {r['reference_detections']} found, max score diff {r['max_score_diff']:.1e}"
         print(f"{r['model']:32s} {r['path']:28s} {r['seconds']:8.2f} {r['speedup']:7.2f}x  {agree}; "
               f"once: {one_time(r)}")
-    result = dict(rows=rows, cpu=cpu_name(), cpu_flags=cpu_description().split("; flags ")[1], threads=torch.get_num_threads(), torch=torch.__version__,
+    for name, s in pipeline_s.items():
+        print(f"{name}: outside the model (decode, resize, normalise, pad) {s:.3f} s of every path's time")
+    result = dict(rows=rows, pipeline_s=pipeline_s, cpu=cpu_name(), cpu_flags=cpu_description().split("; flags ")[1], threads=torch.get_num_threads(), torch=torch.__version__,
                   rounds=args.rounds, photo=args.photo.name, native_bf16=native_bf16)
     write_json(args.json, result)
     if args.readme:
@@ -231,6 +248,9 @@ def markdown(result: dict) -> str:
         found = "-" if r["found"] is None else f"{r['found'] * 100:.0f}% of {r['reference_detections']}"
         lines.append(f"| {r['model']} | {r['path']} | {r['seconds']:.2f} | {r['speedup']:.2f}x | {found} | "
                      f"{one_time(r)} |")
+    for name, s in result.get("pipeline_s", {}).items():
+        lines.append(f"\n{name}: {s:.3f} s of each path's time is outside the model (decode, resize, normalise, "
+                     f"pad).")
     return "\n".join(lines)
 
 

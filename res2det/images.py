@@ -69,8 +69,8 @@ def to_rgb_uint8(image: ImageLike) -> np.ndarray:
 
 def normalize(rgb: np.ndarray, pre: Preprocess) -> torch.Tensor:
     """HxWx3 uint8 RGB -> 3xHxW float tensor, ``(x - mean) / std`` with the weights' own statistics."""
-    x = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).float()
-    return (x - torch.tensor(pre.mean).view(3, 1, 1)) / torch.tensor(pre.std).view(3, 1, 1)
+    x = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).contiguous().float()
+    return x.sub_(torch.tensor(pre.mean).view(3, 1, 1)).div_(torch.tensor(pre.std).view(3, 1, 1))
 
 
 def paddle_static_scale(height: int, width: int, short: int = 800, long: int = 1333) -> float:
@@ -153,16 +153,26 @@ def resize_bilinear(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
     sh, sw = rgb.shape[:2]
     if (sh, sw) == (height, width):
         return rgb
-    src = np.asarray(rgb, dtype=np.uint8).reshape(sh, sw, -1).astype(np.int32)
+    src = np.asarray(rgb, dtype=np.uint8).reshape(sh, sw, -1)
     first, a0, a1 = _linear_taps(sw, width)
     edge = (first < 0) | (first >= sw - 1)  # OpenCV: before the first / from the last column, that column alone
     a0[edge], a1[edge] = 2048, 0
     x0 = np.clip(first, 0, sw - 1)
-    rows = src[:, x0] * a0[:, None] + src[:, np.minimum(x0 + 1, sw - 1)] * a1[:, None]  # [sh, width, C] x 2048
+    # the arithmetic in torch's integer kernels: exact as numpy's, and spread over the threads (the vertical pass
+    # at the output size is most of the work: 800x1199 takes half of numpy's time at 2 threads)
+    rows = torch.from_numpy(src[:, x0]).int() * torch.from_numpy(a0)[:, None]  # [sh, width, C] x 2048
+    rows += torch.from_numpy(src[:, np.minimum(x0 + 1, sw - 1)]).int() * torch.from_numpy(a1)[:, None]
+    rows >>= 4
     y0, b0, b1 = _linear_taps(sh, height)
     top, bottom = np.clip(y0, 0, sh - 1), np.clip(y0 + 1, 0, sh - 1)
-    out = (((rows[top] >> 4) * b0[:, None, None]) >> 16) + (((rows[bottom] >> 4) * b1[:, None, None]) >> 16)
-    return np.clip((out + 2) >> 2, 0, 255).astype(np.uint8).reshape(height, width, *rgb.shape[2:])
+    out = rows.index_select(0, torch.from_numpy(top)) * torch.from_numpy(b0)[:, None, None]
+    out >>= 16
+    lower = rows.index_select(0, torch.from_numpy(bottom)) * torch.from_numpy(b1)[:, None, None]
+    lower >>= 16
+    out += lower
+    out += 2
+    out >>= 2
+    return out.clamp_(0, 255).to(torch.uint8).numpy().reshape(height, width, *rgb.shape[2:])
 
 
 def detection_input(rgb: np.ndarray, pre: Preprocess, *, fit: tuple[int, int] | None = None

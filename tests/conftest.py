@@ -17,6 +17,31 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
 
+# The test files that take longest (seconds of one worker at one thread, AMD EPYC family 25, `--durations`):
+# handed to the workers first, so that neither worker is left alone with one of them at the end. xdist's
+# `--dist loadfile` otherwise queues files by their number of tests, which puts these few-test files last.
+LONGEST_FIRST = (
+    "tests/engine/test_train_trajectory.py",  # 428
+    "tests/engine/test_engine_train.py",  # 285
+    "tests/test_train_parity.py",  # 241
+    "tests/deploy/test_onnx_models.py",  # 122
+    "tests/test_long_runs.py",  # 103
+    "tests/test_docs.py",  # 72
+    "tests/models/test_cascade.py",  # 70
+    "tests/models/test_paddle_parity.py",  # 55
+    "tests/test_optimize.py",  # 53
+)
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the order below
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest keep their order
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 REFERENCE = SHARED / "reference"
 

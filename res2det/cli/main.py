@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
@@ -299,7 +300,8 @@ def _infer(args) -> None:
             print(f"res2det: warning: no --weights given, so {args.model} is randomly initialised; its detections "
                   f"mean nothing. Pass --weights FILE or --weights mmdet.", file=sys.stderr)
         calibration = None
-        if images and (args.fast or args.precision == "int8"):
+        # (--fast without NNCF installed never quantises: no calibration images to read)
+        if images and (args.precision == "int8" or (args.fast and importlib.util.find_spec("nncf") is not None)):
             calibration = (expand_images(args.calibration) if args.calibration
                            else _readable_head(all_images, CALIBRATION_IMAGES))
         if args.fast and images:

@@ -8,8 +8,8 @@ The rules, fastest first:
   precision='bf16')``). On the main-job model the bf16 weight form moves AP by +0.007 box / +0.007 mask
   (benchmarks/inference_ap.py, docs/fast-inference.md).
 * Every CPU: OpenVINO int8 (the graph quantised by NNCF, mask heads f32; where NNCF is installed): the R2-101
-  ``predict`` 2.11x fp32 eager on a 2-core AVX2 EPYC (OpenVINO fp32 1.19x in the same run), main-job AP
-  +0.0008 box / -0.0001 mask.
+  ``predict`` 2.11x-2.27x fp32 eager on a 2-core AVX2 EPYC (OpenVINO fp32 1.19x-1.37x in the same runs),
+  main-job AP +0.0008 box / -0.0001 mask.
 * Every CPU, fp32 (outputs within float rounding of the exact path, so the same AP): OpenVINO, then ONNX
   Runtime, then PyTorch's ``--optimize`` path, in the order ``benchmarks/inference.py`` measured them.
 

@@ -181,7 +181,7 @@ class OpenVinoDetector(GraphDetector):
             raise Res2DetError(f"streams must be at least 1, got {streams}")
         path = Path(path)
         if not path.is_file():
-            raise Res2DetError(f"{path}: ONNX file not found")
+            raise Res2DetError(f"{path}: {'OpenVINO graph' if path.suffix == '.xml' else 'ONNX file'} not found")
         if precision == "int8" and path.suffix != ".xml":
             raise Res2DetError(f"{path}: precision int8 runs a quantised OpenVINO graph (.xml), not {path.suffix}")
         if precision == "bf16" and autocast_dtype(precision, "cpu") is None:  # warns: no native instructions
