@@ -38,10 +38,14 @@ def test_optimised_classifier_matches_eager(name):
     assert len(opt.stage_layouts) == 4
     with torch.no_grad():
         ref = model(x)
-        assert (opt(x) - ref).abs().max().item() <= 1e-4
+        # float rounding grows with the logits (up to 103 here): eager float32 itself is up to 0.8e-6 of the
+        # largest logit (7.8e-5) from float64 on these models, the optimised kernels (picked by timing) were up
+        # to 1.1e-6 of it (1.1e-4) from eager; 3e-6 leaves a margin
+        assert (opt(x) - ref).abs().max().item() <= 3e-6 * ref.abs().max().item()
         # another shape still gives the right answer
         y = torch.randn(1, 3, 96, 64)
-        assert (opt(y) - model(y)).abs().max().item() <= 1e-4
+        ref = model(y)
+        assert (opt(y) - ref).abs().max().item() <= 3e-6 * ref.abs().max().item()
 
 
 @pytest.mark.parametrize("style", ["official", "mmdet", "paddle"])

@@ -4,12 +4,13 @@
 The rules, fastest first:
 
 * CPUs with native bf16 (avx512_bf16 / amx_bf16): OpenVINO in bf16 (res2det's own graph; 0.41 s against 1.75
-  in fp32 for the R2-101 graph on a 2-core AMX Xeon), else PyTorch with bf16 weights (``optimize_for_inference(
-  precision='bf16')``). On the main-job model the bf16 weight form moves AP by +0.007 box / +0.007 mask
-  (benchmarks/inference_ap.py, docs/fast-inference.md).
+  in fp32 for the R2-101 graph on a 2-core AMX Xeon).
 * Every CPU: OpenVINO int8 (the graph quantised by NNCF, mask heads f32; where NNCF is installed): the R2-101
-  ``predict`` 2.11x-2.27x fp32 eager on a 2-core AVX2 EPYC (OpenVINO fp32 1.19x-1.37x in the same runs),
-  main-job AP +0.0008 box / -0.0001 mask.
+  ``predict`` 2.11x-2.27x fp32 eager on a 2-core AVX2 EPYC, 1.66x OpenVINO fp32 in the same run (on the AMX
+  Xeon that would put it at about 1 s or less, ahead of the next path's 2.5x-eager target of 1.4 s); main-job AP
+  +0.0008 box / -0.0001 mask.
+* CPUs with native bf16: PyTorch with bf16 weights (``optimize_for_inference(precision='bf16')``); on the
+  main-job model the bf16 weight form moves AP by +0.007 box / +0.007 mask (benchmarks/inference_ap.py).
 * Every CPU, fp32 (outputs within float rounding of the exact path, so the same AP): OpenVINO, then ONNX
   Runtime, then PyTorch's ``--optimize`` path, in the order ``benchmarks/inference.py`` measured them.
 
@@ -31,10 +32,8 @@ from ..machine import cpu_name, native_cpu_precision, speed_flags
 from ..models.detectors.two_stage import TwoStageDetector
 from .backend import RUNTIMES, graph_backend, require_runtime
 
-# fastest first (docs/fast-inference.md has the measurements)
-BF16_PATHS = ("openvino bf16", "torch bf16")
-INT8_PATHS = ("openvino int8",)
-FP32_PATHS = ("openvino fp32", "onnxruntime fp32", "torch fp32 optimised")
+# fastest first (docs/fast-inference.md has the measurements); the bf16 ones only where bf16 is native
+PATHS = ("openvino bf16", "openvino int8", "torch bf16", "openvino fp32", "onnxruntime fp32", "torch fp32 optimised")
 
 
 def excluded_file() -> Path:
@@ -61,7 +60,8 @@ def _excluded() -> set[str]:
 
 def candidates(flags: frozenset[str] | None = None) -> list[str]:
     """The paths in the order ``fastest_path`` tries them on a CPU with ``flags`` (default: this one)."""
-    return (list(BF16_PATHS) if native_cpu_precision("bf16", flags) else []) + list(INT8_PATHS) + list(FP32_PATHS)
+    native_bf16 = native_cpu_precision("bf16", flags)
+    return [name for name in PATHS if native_bf16 or "bf16" not in name]
 
 
 def fastest_path(model: TwoStageDetector, *, model_name: str, example: ImageLike, root: str | None = None,
@@ -96,4 +96,4 @@ def fastest_path(model: TwoStageDetector, *, model_name: str, example: ImageLike
     raise AssertionError("the PyTorch fp32 path is always available")
 
 
-__all__ = ["fastest_path", "candidates", "record_ap_check", "excluded_file", "BF16_PATHS", "INT8_PATHS", "FP32_PATHS"]
+__all__ = ["fastest_path", "candidates", "record_ap_check", "excluded_file", "PATHS"]

@@ -145,7 +145,7 @@ def test_backend_openvino_without_openvino_is_one_clear_line(tiny, tmp_path, cap
 
 
 def test_fast_candidates_follow_the_cpu():
-    assert fast.candidates(frozenset({"avx2", "amx_bf16"})) == ["openvino bf16", "torch bf16", "openvino int8",
+    assert fast.candidates(frozenset({"avx2", "amx_bf16"})) == ["openvino bf16", "openvino int8", "torch bf16",
                                                                  "openvino fp32", "onnxruntime fp32",
                                                                  "torch fp32 optimised"]
     assert fast.candidates(frozenset({"avx2"})) == ["openvino int8", "openvino fp32", "onnxruntime fp32",
