@@ -219,8 +219,9 @@ def main(argv=None) -> dict:
               f"once: {one_time(r)}")
     for name, s in pipeline_s.items():
         print(f"{name}: outside the model (decode, resize, normalise, pad) {s:.3f} s of every path's time")
-    result = dict(rows=rows, pipeline_s=pipeline_s, cpu=cpu_name(), cpu_flags=cpu_description().split("; flags ")[1], threads=torch.get_num_threads(), torch=torch.__version__,
-                  rounds=args.rounds, photo=args.photo.name, native_bf16=native_bf16)
+    result = dict(rows=rows, pipeline_s=pipeline_s, cpu=cpu_name(), cpu_flags=cpu_description().split("; flags ")[1],
+                  threads=torch.get_num_threads(), torch=torch.__version__, rounds=args.rounds,
+                  photo=args.photo.name, native_bf16=native_bf16)
     write_json(args.json, result)
     if args.readme:
         rewrite_block(args.readme, "inference-table", markdown(result))
