@@ -119,12 +119,8 @@ def graph_paths(model, name: str, photo: str, cache: str, *, native_bf16: bool) 
 def time_pipeline(model, photo: str) -> float:
     """Seconds of ``predict``'s work outside the model for ``photo`` (decode, resize, normalise, pad; a
     detector that finds nothing): the part every path shares."""
-    def nothing(batch, sizes, metas):
-        return [dict(boxes=torch.zeros(0, 4), scores=torch.zeros(0), labels=torch.zeros(0, dtype=torch.long))
-                for _ in sizes]
-
     start = time.perf_counter()
-    inference.predict(nothing, photo, preprocess=model.preprocess, class_names=model.class_names)
+    inference.predict(inference.no_detections, photo, preprocess=model.preprocess, class_names=model.class_names)
     return time.perf_counter() - start
 
 

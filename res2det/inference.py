@@ -177,10 +177,18 @@ def iter_predict(detect: DetectFn, images: ImageLike | Sequence[ImageLike], *, p
                 masks=masks, width=int(rgb.shape[1]), height=int(rgb.shape[0]))
 
 
+def no_detections(batch: Tensor, sizes: Sequence[tuple[int, int]], metas: Sequence[dict] | None = None
+                  ) -> list[dict[str, Tensor]]:
+    """A ``DetectFn`` that finds nothing: ``predict``'s pipeline without a model (to time that pipeline, or to
+    collect what a model would be given)."""
+    return [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
+            for _ in sizes]
+
+
 def predict(detect: DetectFn, images: ImageLike | Sequence[ImageLike], **options) -> list[Detections]:
     """One ``Detections`` per image (paths, PIL images, arrays, tensors; one or a list), in original pixels:
     ``iter_predict``'s detections, as a list."""
     return [det for _, _, det in iter_predict(detect, images, **options)]
 
 
-__all__ = ["predict", "iter_predict", "postprocess", "autocast_dtype", "PrecisionFallback", "PRECISIONS", "DetectFn"]
+__all__ = ["predict", "iter_predict", "no_detections", "postprocess", "autocast_dtype", "PrecisionFallback", "PRECISIONS", "DetectFn"]

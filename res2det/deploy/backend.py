@@ -20,6 +20,7 @@ import torch
 from ..checkpoint import atomic_write, cache_dir
 from ..errors import Res2DetError
 from ..images import ImageLike
+from ..inference import no_detections, predict
 from ..models.detectors.two_stage import TwoStageDetector
 from ..ops import box_iou
 from ..version import __version__
@@ -118,17 +119,14 @@ def quantize_graph(path: Path, fp32: GraphDetector, calibration: Sequence[ImageL
     import openvino as ov
 
     inputs = []
-    run = fp32.detect
 
-    def record(batch, sizes, metas=None):  # the graph's own inputs, as predict() builds them
+    def record(batch, sizes, metas=None):  # the graph's own inputs, as predict() builds them; the graph need not run
         inputs.extend(fp32._inputs(image, size) for image, size in zip(batch, sizes))
-        return run(batch, sizes, metas)
+        return no_detections(batch, sizes)
 
-    fp32.detect = record
-    try:
-        fp32.predict(list(calibration))
-    finally:
-        fp32.detect = run
+    info = fp32.info
+    predict(record, list(calibration), preprocess=info.preprocess, class_names=info.class_names,
+            input_size=info.input_size)
     graph = ov.Core().read_model(str(path))
     nncf.set_log_level(logging.ERROR)  # its per-layer INFO lines would bury the run's output
     quantised = nncf.quantize(graph, nncf.Dataset(inputs), subset_size=len(inputs), fast_bias_correction=True,
